@@ -1,0 +1,76 @@
+"""Where flows run: the Prefect API (a temporary local server unless PREFECT_API_URL is set) and the Dask
+cluster (a LocalCluster from ``infra/dask_local.yaml`` unless an address is given).
+
+Environment defaults are applied before Prefect is imported, because Prefect reads its settings once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def configure_environment(root: Path) -> None:
+    """Offline-safe Prefect defaults; a PREFECT_HOME under the dataset root unless one is set."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(root) / ".prefect"))
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "false")
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+
+def cluster_spec() -> dict:
+    return yaml.safe_load((INFRA / "dask_local.yaml").read_text(encoding="utf-8"))
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield a Prefect API URL that Dask worker processes can share.
+
+    Without PREFECT_API_URL every worker would try to start its own temporary server, so one is started
+    here, in a subprocess, and its URL exported for the workers this process spawns.
+    """
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # send buffered run logs while the server is still up
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def task_runner(dask_address: str | None = None, n_workers: int | None = None):
+    """A DaskTaskRunner on an existing scheduler, or on a LocalCluster built from the infra spec."""
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    kwargs = dict(cluster_spec()["local"])
+    if n_workers is not None:
+        kwargs["n_workers"] = n_workers
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def stage_resources(kind: str) -> dict:
+    return dict(cluster_spec()["stage_resources"][kind])

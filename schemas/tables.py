@@ -1,0 +1,193 @@
+"""The one definition of every table: columns, dtypes, checks and what each column means.
+
+Stages validate what they write with :func:`validate`; README's table reference is generated from
+the same specs (``python -m schemas.docs``), so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pandera.pandas as pa
+
+ID = "id"  # text of any string dtype (object, str, string[pyarrow]); pandas 3 and geopandas differ
+_IS_TEXT = pa.Check(
+    lambda s: s.map(lambda v: isinstance(v, str)),
+    element_wise=False,
+    ignore_na=True,
+    error="value is not text",
+)
+ROLES = ("gold", "multi", "single", "unlabelled")
+STATUSES = ("completed", "pending")
+
+
+@dataclass(frozen=True)
+class Col:
+    dtype: object
+    description: str
+    nullable: bool = False
+    checks: tuple = ()
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    description: str
+    columns: dict[str, Col]
+    primary_key: tuple[str, ...]
+    geometry: bool = False
+    geometry_crs: str | None = None  # fixed CRS of the geometry column; None = the native CRS of the part
+    extra: dict = field(default_factory=dict)
+
+    def pandera(self) -> pa.DataFrameSchema:
+        cols = {
+            name: pa.Column(
+                None if c.dtype == ID else c.dtype,
+                checks=list(c.checks) + ([_IS_TEXT] if c.dtype == ID else []),
+                nullable=c.nullable,
+                coerce=False,
+                description=c.description,
+            )
+            for name, c in self.columns.items()
+            if name != "geometry"
+        }
+        return pa.DataFrameSchema(cols, unique=list(self.primary_key) or None, strict=False, name=self.name)
+
+
+def _ids(desc: str) -> Col:
+    return Col(ID, desc, checks=(pa.Check.str_length(min_value=1),))
+
+
+_FRACTION = (pa.Check.in_range(0.0, 1.0),)
+
+SITES = TableSpec(
+    "sites",
+    "One row per labelling site: its footprint, the scene grid it uses, and its role in the campaign.",
+    {
+        "site_id": _ids("Site identifier."),
+        "scene_id": Col(ID, "Scene whose pixel grid the site uses (the one with most valid pixels)."),
+        "crs": Col(ID, "Native projected CRS of the site grid, e.g. EPSG:32630."),
+        "transform": Col(object, "Affine transform of the site grid (a, b, c, d, e, f)."),
+        "width": Col("int64", "Grid width in pixels.", checks=(pa.Check.gt(0),)),
+        "height": Col("int64", "Grid height in pixels.", checks=(pa.Check.gt(0),)),
+        "role": Col(
+            ID,
+            "gold | multi | single | unlabelled, derived from assignments.",
+            checks=(pa.Check.isin(ROLES),),
+        ),
+        "n_labellers": Col("int64", "Completed non-reference assignments.", checks=(pa.Check.ge(0),)),
+        "has_reference": Col(bool, "A reference (expert) labeller completed this site."),
+        "geometry": Col(object, "Footprint, EPSG:4326."),
+    },
+    ("site_id",),
+    geometry=True,
+    geometry_crs="EPSG:4326",
+)
+
+TILES = TableSpec(
+    "tiles",
+    "One row per site tile per scene: band statistics, nodata and cloud shares, content hash.",
+    {
+        "site_id": _ids("Site identifier."),
+        "scene_id": _ids("Scene file stem the pixels come from."),
+        "crs": Col(ID, "Native CRS of the scene."),
+        "transform": Col(object, "Affine transform of the tile window (a, b, c, d, e, f)."),
+        "width": Col("int64", "Tile width in pixels."),
+        "height": Col("int64", "Tile height in pixels."),
+        "band_names": Col(object, "Band names in order (B, G, R, NIR for the demo)."),
+        "mean": Col(object, "Per-band mean of valid pixels (NaN when no pixel is valid)."),
+        "std": Col(object, "Per-band standard deviation of valid pixels."),
+        "p02": Col(object, "Per-band 2nd percentile of valid pixels."),
+        "p50": Col(object, "Per-band median of valid pixels."),
+        "p98": Col(object, "Per-band 98th percentile of valid pixels."),
+        "valid_fraction": Col(float, "Share of pixels neither nodata nor cloud.", checks=_FRACTION),
+        "nodata_fraction": Col(float, "Share of pixels that are nodata in any band.", checks=_FRACTION),
+        "cloud_fraction": Col(
+            float, "Share of bright (cloud-like) pixels among data pixels.", checks=_FRACTION
+        ),
+        "content_hash": Col(ID, "BLAKE2b of the tile's pixel bytes: changes iff the pixels change."),
+        "geometry": Col(object, "Tile footprint, EPSG:4326."),
+    },
+    ("site_id", "scene_id"),
+    geometry=True,
+    geometry_crs="EPSG:4326",
+)
+
+LABELS = TableSpec(
+    "labels",
+    "Normalised label polygons, clipped to their site, in the site's native CRS (one part per CRS).",
+    {
+        "polygon_id": _ids("Stable id: site_id/labeller_id/ordinal within the assignment."),
+        "site_id": _ids("Site identifier."),
+        "labeller_id": _ids("Labeller identifier."),
+        "label": Col(ID, "Polygon class; null for an unclassed field.", nullable=True),
+        "area_m2": Col(float, "Polygon area in square metres (native CRS).", checks=(pa.Check.gt(0),)),
+        "was_valid": Col(bool, "The input geometry was valid as drawn."),
+        "repair_note": Col(ID, "What make_valid / clipping changed; null when nothing.", nullable=True),
+        "geometry": Col(object, "Polygon in the site's native CRS."),
+    },
+    ("polygon_id",),
+    geometry=True,
+)
+
+ASSIGNMENTS = TableSpec(
+    "assignments",
+    "Who was asked to label which site, and whether they finished. Completed with 0 polygons = no fields.",
+    {
+        "site_id": _ids("Site identifier."),
+        "labeller_id": _ids("Labeller identifier."),
+        "completed_at": Col(
+            "datetime64[us, UTC]", "When the assignment was submitted; null = pending.", True
+        ),
+        "status": Col(ID, "completed | pending.", checks=(pa.Check.isin(STATUSES),)),
+        "n_polygons": Col(
+            "int64", "Polygons in the labels table for this assignment.", checks=(pa.Check.ge(0),)
+        ),
+        "is_reference": Col(bool, "The labeller is a reference (expert) labeller."),
+    },
+    ("site_id", "labeller_id"),
+)
+
+ITEM_LABELS = TableSpec(
+    "item_labels",
+    "Image-level class labels, one per item per labeller.",
+    {
+        "item_id": _ids("Item identifier (the site id for site-level land cover)."),
+        "labeller_id": _ids("Labeller identifier."),
+        "label": _ids("Class given."),
+        "is_reference": Col(bool, "The labeller is a reference (expert) labeller."),
+    },
+    ("item_id", "labeller_id"),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (SITES, TILES, LABELS, ASSIGNMENTS, ITEM_LABELS)}
+
+
+class SchemaViolation(ValueError):
+    """A table does not match its declared schema; the message names table, column, row and check."""
+
+
+def validate(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Validate ``df`` against table ``name``; raise :class:`SchemaViolation` listing the first failures."""
+    spec = TABLES[name]
+    missing = [c for c in spec.columns if c not in df.columns]
+    if missing:
+        raise SchemaViolation(f"table {name!r}: missing columns {missing}")
+    try:
+        spec.pandera().validate(df, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        fc = exc.failure_cases.head(5)
+        lines = [
+            f"column {r.column!r} row {r.index}: {r.check} (value {r.failure_case!r})"
+            for r in fc.itertuples()
+        ]
+        raise SchemaViolation(f"table {name!r} fails its schema:\n  " + "\n  ".join(lines)) from None
+    if spec.geometry:
+        geom = df.geometry
+        bad = geom.isna() | geom.is_empty
+        if bad.any():
+            raise SchemaViolation(f"table {name!r} row {df.index[bad.to_numpy()][0]}: empty geometry")
+        if spec.geometry_crs and (df.crs is None or df.crs.to_string() != spec.geometry_crs):
+            raise SchemaViolation(f"table {name!r}: geometry CRS must be {spec.geometry_crs}, got {df.crs}")
+    return df

@@ -1,0 +1,233 @@
+"""Sites, assignments, label polygons and item labels → validated, normalised tables.
+
+Label polygons are reprojected into their site's native CRS, repaired with ``make_valid`` (and the
+repair recorded), split into single polygons and clipped to the site footprint.
+"""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from shapely.geometry import box
+
+from tasks.ingest.readers import require_columns, require_ids, require_unique
+from tasks.store.errors import InputError
+
+
+def normalise_sites(gdf: gpd.GeoDataFrame, path: str) -> gpd.GeoDataFrame:
+    """Check ids and footprints; return site_id + geometry in EPSG:4326 (row numbers kept as index)."""
+    require_columns(gdf, ["site_id"], path)
+    require_ids(gdf, ["site_id"], path)
+    require_unique(gdf, ["site_id"], path)
+    geom = gdf.geometry
+    empty = geom.isna() | geom.is_empty
+    if empty.any():
+        raise InputError(path, "empty or missing footprint geometry", row=gdf.index[empty.to_numpy()][0])
+    poly = geom.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not poly.all():
+        row = gdf.index[~poly.to_numpy()][0]
+        raise InputError(path, f"footprint is a {geom.loc[row].geom_type}, not a polygon", row=row)
+    out = gpd.GeoDataFrame({"site_id": gdf["site_id"].astype(str)}, geometry=geom.make_valid(), crs=gdf.crs)
+    return out.to_crs(4326)
+
+
+def normalise_assignments(
+    df: pd.DataFrame, path: str, site_ids: set[str], reference: set[str]
+) -> pd.DataFrame:
+    """Parse completion times; an assignment without ``completed_at`` is pending (not labelled).
+
+    A file without a ``completed_at`` column at all means every assignment is complete.
+    """
+    require_columns(df, ["site_id", "labeller_id"], path)
+    require_ids(df, ["site_id", "labeller_id"], path)
+    require_unique(df, ["site_id", "labeller_id"], path)
+    unknown = ~df["site_id"].isin(site_ids)
+    if unknown.any():
+        row = df.index[unknown.to_numpy()][0]
+        raise InputError(path, f"unknown site_id {df.at[row, 'site_id']!r} (not in the sites file)", row=row)
+    if "completed_at" in df.columns:
+        raw = df["completed_at"]
+        parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601")
+        bad = raw.notna() & parsed.isna()
+        if bad.any():
+            row = df.index[bad.to_numpy()][0]
+            raise InputError(path, f"completed_at {raw.loc[row]!r} is not an ISO-8601 time", row=row)
+        completed = parsed.notna()
+    else:
+        parsed = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us, UTC]")
+        completed = pd.Series(True, index=df.index)
+    return pd.DataFrame(
+        {
+            "site_id": df["site_id"].to_numpy(),
+            "labeller_id": df["labeller_id"].to_numpy(),
+            "completed_at": parsed.astype("datetime64[us, UTC]").to_numpy(),
+            "status": np.where(completed, "completed", "pending"),
+            "is_reference": df["labeller_id"].isin(reference).to_numpy(),
+        },
+        index=df.index,
+    )
+
+
+def normalise_labels(
+    gdf: gpd.GeoDataFrame,
+    path: str,
+    grids: pd.DataFrame,
+    assignments: pd.DataFrame,
+    classes: list[str],
+) -> pd.DataFrame:
+    """Validate, reproject, repair and clip label polygons; one output row per single polygon.
+
+    ``grids`` has one row per site: site_id, crs, transform, width, height (the site's pixel grid).
+    """
+    require_columns(gdf, ["site_id", "labeller_id"], path)
+    require_ids(gdf, ["site_id", "labeller_id"], path)
+    if "label" not in gdf.columns:
+        gdf = gdf.assign(label=None)
+    label = gdf["label"].where(gdf["label"].notna(), None)
+    if classes:
+        bad = label.notna() & ~label.isin(classes)
+        if bad.any():
+            row = gdf.index[bad.to_numpy()][0]
+            raise InputError(path, f"unknown class {label.loc[row]!r}; allowed: {classes}", row=row)
+    known_sites = set(grids["site_id"])
+    unknown = ~gdf["site_id"].isin(known_sites)
+    if unknown.any():
+        row = gdf.index[unknown.to_numpy()][0]
+        raise InputError(path, f"label for unknown site_id {gdf.at[row, 'site_id']!r}", row=row)
+    key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
+    has_assignment = pd.MultiIndex.from_frame(gdf[["site_id", "labeller_id"]]).isin(key)
+    if not has_assignment.all():
+        row = gdf.index[~has_assignment][0]
+        raise InputError(
+            path,
+            f"labeller {gdf.at[row, 'labeller_id']!r} has no assignment for site {gdf.at[row, 'site_id']!r}",
+            row=row,
+        )
+    geom = gdf.geometry
+    empty = geom.isna() | geom.is_empty
+    if empty.any():
+        raise InputError(path, "empty or missing geometry", row=gdf.index[empty.to_numpy()][0])
+    polygonal = geom.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not polygonal.all():
+        row = gdf.index[~polygonal.to_numpy()][0]
+        raise InputError(path, f"geometry is a {geom.loc[row].geom_type}; labels must be polygons", row=row)
+
+    out = []
+    grids = grids.set_index("site_id")
+    for crs, site_ids in grids.groupby("crs").groups.items():
+        part = gdf[gdf["site_id"].isin(site_ids)]
+        if part.empty:
+            continue
+        part = part.to_crs(crs)
+        out.append(_repair_and_clip(part, path, grids, crs, label.loc[part.index]))
+    cols = [
+        "polygon_id",
+        "site_id",
+        "labeller_id",
+        "label",
+        "area_m2",
+        "was_valid",
+        "repair_note",
+        "geometry",
+        "crs",
+    ]
+    if not out:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    return pd.concat(out, ignore_index=True)[cols]
+
+
+def _repair_and_clip(part, path, grids, crs, label) -> pd.DataFrame:
+    geoms = part.geometry.to_numpy()
+    valid = shapely.is_valid(geoms)
+    reasons = np.where(valid, None, shapely.is_valid_reason(geoms))
+    fixed = np.where(valid, geoms, shapely.make_valid(geoms))
+    g = grids.loc[part["site_id"]]
+    footprints = [
+        box(*_grid_bounds(t, w, h)) for t, w, h in zip(g["transform"], g["width"], g["height"], strict=True)
+    ]
+    clipped = shapely.intersection(fixed, np.array(footprints, dtype=object))
+    rows = []
+    for i, row in enumerate(part.index):
+        parts = [p for p in _polygons(clipped[i]) if p.area > 0]
+        if not parts:
+            raise InputError(
+                path,
+                f"polygon lies outside its site {part.at[row, 'site_id']!r} (nothing left after clipping)",
+                row=row,
+            )
+        notes = []
+        if reasons[i] is not None:
+            notes.append(f"made valid: {reasons[i]}")
+        if shapely.area(fixed[i]) - sum(p.area for p in parts) > 1e-6 * max(shapely.area(fixed[i]), 1.0):
+            notes.append("clipped to site footprint")
+        if len(parts) > 1:
+            notes.append(f"split into {len(parts)} polygons")
+        for p in parts:
+            rows.append(
+                {
+                    "row": row,
+                    "site_id": part.at[row, "site_id"],
+                    "labeller_id": part.at[row, "labeller_id"],
+                    "label": label.loc[row],
+                    "area_m2": float(p.area),
+                    "was_valid": bool(reasons[i] is None),
+                    "repair_note": "; ".join(notes) or None,
+                    "geometry": p,
+                    "crs": crs,
+                }
+            )
+    df = pd.DataFrame(rows)
+    order = df.groupby(["site_id", "labeller_id"]).cumcount()
+    df["polygon_id"] = df["site_id"] + "/" + df["labeller_id"] + "/" + order.astype(str)
+    return df.drop(columns="row")
+
+
+def _polygons(geom):
+    if geom is None or geom.is_empty:
+        return []
+    if geom.geom_type == "Polygon":
+        return [geom]
+    if hasattr(geom, "geoms"):
+        return [p for g in geom.geoms for p in _polygons(g)]
+    return []
+
+
+def _grid_bounds(transform, width, height):
+    a, _, c, _, e, f = transform[:6]
+    xs = (c, c + a * width)
+    ys = (f, f + e * height)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def normalise_item_labels(
+    df: pd.DataFrame, path: str, reference: set[str], classes: list[str]
+) -> pd.DataFrame:
+    require_columns(df, ["item_id", "labeller_id", "label"], path)
+    require_ids(df, ["item_id", "labeller_id", "label"], path)
+    require_unique(df, ["item_id", "labeller_id"], path)
+    if classes:
+        bad = ~df["label"].isin(classes)
+        if bad.any():
+            row = df.index[bad.to_numpy()][0]
+            raise InputError(path, f"unknown class {df.at[row, 'label']!r}; allowed: {classes}", row=row)
+    out = df[["item_id", "labeller_id", "label"]].reset_index(drop=True).copy()
+    out["is_reference"] = out["labeller_id"].isin(reference)
+    return out
+
+
+def site_roles(site_ids: list[str], assignments: pd.DataFrame) -> pd.DataFrame:
+    """gold: a reference labeller completed it; multi: ≥2 others did; single: 1; unlabelled: none."""
+    done = assignments[assignments["status"] == "completed"]
+    ref = done[done["is_reference"]].groupby("site_id").size()
+    crowd = done[~done["is_reference"]].groupby("site_id").size()
+    df = pd.DataFrame({"site_id": site_ids})
+    df["has_reference"] = df["site_id"].map(ref).fillna(0).astype(int) > 0
+    df["n_labellers"] = df["site_id"].map(crowd).fillna(0).astype("int64")
+    df["role"] = np.select(
+        [df["has_reference"], df["n_labellers"] >= 2, df["n_labellers"] == 1],
+        ["gold", "multi", "single"],
+        default="unlabelled",
+    )
+    return df

@@ -1,0 +1,227 @@
+"""The ingest stage as one plain function: catalog inputs → validated artifact tables in a folder.
+
+Runs on whatever Dask scheduler is active (threads when called plainly, the cluster when the Prefect
+wrapper opens a client), in batches of ``settings.ingest.batch_size`` sites so memory follows the
+batch, not the region.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+from shapely.geometry import box
+
+from schemas.catalog import Catalog
+from tasks.ingest.imagery import Scene, find_scenes, open_scene, site_windows, tile_stats
+from tasks.ingest.labels import (
+    _grid_bounds,
+    normalise_assignments,
+    normalise_item_labels,
+    normalise_labels,
+    normalise_sites,
+    site_roles,
+)
+from tasks.ingest.readers import read_table_file, read_vector
+from tasks.store.artifacts import file_hash, write_table
+from tasks.store.errors import InputError
+
+
+@dataclass
+class IngestResult:
+    artifacts: dict[str, dict]
+    inputs: list[dict]
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _input_record(name: str, path: str) -> dict:
+    p = Path(path)
+    return {"dataset": name, "path": str(p), "bytes": p.stat().st_size, "hash": file_hash(p)}
+
+
+def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestResult:
+    """Read every input the catalog names, validate and normalise it, write the ingest artifacts."""
+    out_dir = Path(out_dir)
+    s = catalog.settings
+    ds = catalog.datasets
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ref = set(s.reference_labellers)
+
+    scene_paths = find_scenes(catalog.input_path("imagery"))
+    scenes = [open_scene(p, s.ingest.band_names, s.ingest.required_bands) for p in scene_paths]
+    dup = pd.Series([sc.scene_id for sc in scenes]).duplicated()
+    if dup.any():
+        twin = scenes[int(dup.idxmax())]
+        raise InputError(
+            twin.path, f"two imagery files share the name {twin.scene_id!r}; scene ids must be unique"
+        )
+    inputs = [
+        {"dataset": "imagery", "path": sc.path, "bytes": Path(sc.path).stat().st_size, "hash": sc.file_hash}
+        for sc in scenes
+    ]
+
+    sites_path = catalog.input_path("input_sites")
+    sites = normalise_sites(
+        read_vector(sites_path, ds["input_sites"].columns, ds["input_sites"].constants), sites_path
+    )
+    inputs.append(_input_record("input_sites", sites_path))
+    pairs = site_windows(sites, scenes, sites_path)
+    timings["scan"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    tiles = _all_tile_stats(
+        pairs, {sc.scene_id: sc for sc in scenes}, s.ingest.cloud_threshold, s.ingest.batch_size, progress
+    )
+    timings["tiles"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    grids = _primary_grids(tiles, pairs)
+    a_path = catalog.input_path("input_assignments")
+    assignments = normalise_assignments(
+        read_table_file(a_path, ds["input_assignments"].columns, ds["input_assignments"].constants),
+        a_path,
+        set(sites["site_id"]),
+        ref,
+    )
+    inputs.append(_input_record("input_assignments", a_path))
+    l_path = catalog.input_path("input_labels")
+    labels = normalise_labels(
+        read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants),
+        l_path,
+        grids,
+        assignments,
+        s.label_classes,
+    )
+    inputs.append(_input_record("input_labels", l_path))
+    n_poly = labels.groupby(["site_id", "labeller_id"]).size()
+    key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
+    assignments["n_polygons"] = n_poly.reindex(key).fillna(0).astype("int64").to_numpy()
+    pending_with_polygons = (assignments["status"] == "pending") & (assignments["n_polygons"] > 0)
+    if pending_with_polygons.any():
+        row = assignments.index[pending_with_polygons.to_numpy()][0]
+        who = f"site {assignments.at[row, 'site_id']!r} by {assignments.at[row, 'labeller_id']!r}"
+        raise InputError(a_path, f"assignment of {who} has polygons but no completed_at", row=row)
+
+    if "input_item_labels" in ds and Path(catalog.input_path("input_item_labels")).exists():
+        i_path = catalog.input_path("input_item_labels")
+        item_labels = normalise_item_labels(
+            read_table_file(i_path, ds["input_item_labels"].columns, ds["input_item_labels"].constants),
+            i_path,
+            ref,
+            s.item_classes,
+        )
+        inputs.append(_input_record("input_item_labels", i_path))
+    elif "input_item_labels" in ds and not ds["input_item_labels"].optional:
+        raise InputError(catalog.input_path("input_item_labels"), "file not found")
+    else:
+        item_labels = pd.DataFrame(
+            {
+                "item_id": pd.Series(dtype=object),
+                "labeller_id": pd.Series(dtype=object),
+                "label": pd.Series(dtype=object),
+                "is_reference": pd.Series(dtype=bool),
+            }
+        )
+
+    roles = site_roles(list(sites["site_id"]), assignments)
+    sites_table = _sites_table(sites, grids, roles)
+    timings["labels"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    artifacts = {
+        "sites": write_table("sites", sites_table, out_dir / ds["sites"].uri),
+        "tiles": write_table("tiles", _tiles_gdf(tiles), out_dir / ds["tiles"].uri),
+        "labels": write_table("labels", labels, out_dir / ds["labels"].uri),
+        "assignments": write_table(
+            "assignments", assignments.reset_index(drop=True), out_dir / ds["assignments"].uri
+        ),
+        "item_labels": write_table("item_labels", item_labels, out_dir / ds["item_labels"].uri),
+    }
+    timings["write"] = time.perf_counter() - t3
+    notes = [f"{int((~labels['was_valid']).sum())} invalid polygons repaired"] if len(labels) else []
+    counts = {
+        "scenes": len(scenes),
+        "sites": len(sites_table),
+        **{
+            f"sites_{r}": int((sites_table["role"] == r).sum())
+            for r in ("gold", "multi", "single", "unlabelled")
+        },
+        "polygons": len(labels),
+        "assignments": len(assignments),
+        "no_field_assignments": int(
+            ((assignments.status == "completed") & (assignments.n_polygons == 0)).sum()
+        ),
+        "item_labels": len(item_labels),
+    }
+    return IngestResult(artifacts, inputs, timings, notes, counts)
+
+
+def _all_tile_stats(pairs, scenes: dict[str, Scene], cloud_threshold, batch_size, progress) -> pd.DataFrame:
+    site_ids = pairs["site_id"].drop_duplicates().tolist()
+    frames = []
+    for start in range(0, len(site_ids), batch_size):
+        batch = set(site_ids[start : start + batch_size])
+        frames.append(tile_stats(pairs[pairs["site_id"].isin(batch)], scenes, cloud_threshold))
+        if progress is not None:
+            progress(min(start + batch_size, len(site_ids)), len(site_ids))
+    tiles = pd.concat(frames, ignore_index=True)
+    return tiles.merge(pairs[["site_id", "scene_id", "coverage"]], on=["site_id", "scene_id"])
+
+
+def _primary_grids(tiles: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The grid each site uses: the covering scene with most valid pixels (ties: scene id)."""
+    ranked = tiles.assign(_score=tiles["valid_fraction"] * tiles["coverage"]).sort_values(
+        ["site_id", "_score", "scene_id"], ascending=[True, False, True]
+    )
+    best = ranked.drop_duplicates("site_id")
+    return best[["site_id", "scene_id", "crs", "transform", "width", "height"]].reset_index(drop=True)
+
+
+def _sites_table(sites: gpd.GeoDataFrame, grids: pd.DataFrame, roles: pd.DataFrame) -> gpd.GeoDataFrame:
+    df = sites[["site_id"]].merge(grids, on="site_id").merge(roles, on="site_id")
+    footprints = []
+    for crs, part in df.groupby("crs"):
+        geoms = [
+            box(*_grid_bounds(t, w, h))
+            for t, w, h in zip(part["transform"], part["width"], part["height"], strict=True)
+        ]
+        footprints.append(gpd.GeoSeries(geoms, index=part.index, crs=crs).to_crs(4326))
+    geom = pd.concat(footprints).reindex(df.index)
+    out = gpd.GeoDataFrame(df, geometry=geom.values, crs=4326)
+    out["width"] = out["width"].astype("int64")
+    out["height"] = out["height"].astype("int64")
+    return out[
+        [
+            "site_id",
+            "scene_id",
+            "crs",
+            "transform",
+            "width",
+            "height",
+            "role",
+            "n_labellers",
+            "has_reference",
+            "geometry",
+        ]
+    ]
+
+
+def _tiles_gdf(tiles: pd.DataFrame) -> gpd.GeoDataFrame:
+    parts = []
+    for crs, part in tiles.groupby("crs"):
+        geoms = [
+            box(*_grid_bounds(t, w, h))
+            for t, w, h in zip(part["transform"], part["width"], part["height"], strict=True)
+        ]
+        parts.append(gpd.GeoSeries(geoms, index=part.index, crs=crs).to_crs(4326))
+    geom = pd.concat(parts).reindex(tiles.index)
+    out = gpd.GeoDataFrame(tiles.drop(columns=["coverage"]), geometry=geom.values, crs=4326)
+    out["width"] = out["width"].astype("int64")
+    out["height"] = out["height"].astype("int64")
+    return out

@@ -1,0 +1,103 @@
+"""Reading and writing artifact files: GeoParquet 1.1 (zstd, bbox covering), Parquet, content hashes.
+
+The only module that decides how tables become bytes, so every stage writes the same dialect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pyarrow.parquet as pq
+
+from schemas.tables import TABLES, validate
+
+_CHUNK = 1 << 20
+
+
+def file_hash(path: str | Path) -> str:
+    """BLAKE2b-128 of a file's bytes, streamed so big scenes never sit in memory."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_hash(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def crs_part_name(crs: str) -> str:
+    return "part-" + "".join(ch if ch.isalnum() else "_" for ch in crs) + ".parquet"
+
+
+def write_table(name: str, df: pd.DataFrame, path: str | Path) -> dict:
+    """Validate ``df`` against table ``name`` and write it; return the manifest entry for it.
+
+    Geometric tables are GeoParquet 1.1 with a ``bbox`` covering column. A table with geometry in the
+    native CRS (no fixed CRS in its spec) is written as a folder with one part per CRS, since one
+    GeoParquet column carries one CRS; ``df`` then needs a ``crs`` column naming each row's CRS.
+    """
+    spec = TABLES[name]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = df.reset_index(drop=True)
+    if spec.geometry and spec.geometry_crs is None:
+        path.mkdir(parents=True, exist_ok=True)
+        files = []
+        if len(df) == 0:
+            part = gpd.GeoDataFrame(df.drop(columns="crs", errors="ignore"), geometry="geometry")
+            validate(name, part)
+            files.append(_write_geo(part, path / "part-empty.parquet"))
+        for crs, part in df.groupby("crs", sort=True):
+            part = gpd.GeoDataFrame(part.drop(columns="crs"), geometry="geometry", crs=crs)
+            validate(name, part.reset_index(drop=True))
+            files.append(_write_geo(part, path / crs_part_name(str(crs))))
+        return {"path": path.name, "rows": len(df), "checksum": bytes_hash(*(f.encode() for f in files))}
+    validate(name, df)
+    if spec.geometry:
+        checksum = _write_geo(df, path)
+    else:
+        df.to_parquet(path, index=False, compression="zstd")
+        checksum = file_hash(path)
+    return {"path": path.name, "rows": len(df), "checksum": checksum}
+
+
+def _write_geo(gdf: gpd.GeoDataFrame, path: Path) -> str:
+    gdf.to_parquet(path, index=False, compression="zstd", schema_version="1.1.0", write_covering_bbox=True)
+    return file_hash(path)
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table written by :func:`write_table`.
+
+    A native-CRS folder comes back as one frame with shapely geometries and a ``crs`` column (rows from
+    different CRSs cannot share a GeoSeries); group by ``crs`` to get proper GeoDataFrames.
+    """
+    path = Path(path)
+    if path.is_dir():
+        frames = []
+        for part in sorted(path.glob("*.parquet")):
+            gdf = gpd.read_parquet(part, columns=columns)
+            df = pd.DataFrame(gdf)
+            df["crs"] = gdf.crs.to_string() if gdf.crs is not None else None
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    meta = pq.read_metadata(path).metadata or {}
+    if b"geo" in meta:
+        return gpd.read_parquet(path, columns=columns)
+    return pd.read_parquet(path, columns=columns)
+
+
+def geo_parts(df: pd.DataFrame) -> dict[str, gpd.GeoDataFrame]:
+    """Split a native-CRS table (from :func:`read_table`) into one GeoDataFrame per CRS."""
+    return {
+        crs: gpd.GeoDataFrame(part.drop(columns="crs"), geometry="geometry", crs=crs)
+        for crs, part in df.groupby("crs", sort=True)
+    }
