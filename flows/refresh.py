@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.runtime import stage_resources
 from schemas.catalog import load_catalog
+from tasks.consensus.tasks import consensus_task
 from tasks.ingest.tasks import ingest_task
 from tasks.store.provenance import catalog_record, code_version
 from tasks.store.versions import VersionStore
@@ -36,8 +37,11 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
         try:
             with dask.annotate(resources=stage_resources("cpu")):
                 ingest = ingest_task.submit(catalog_path, str(draft.path))
+                consensus = consensus_task.submit(catalog_path, str(draft.path), ingest)
             stages["ingest"] = ingest.result()
-            draft.artifacts.update(stages["ingest"]["artifacts"])
+            stages["consensus"] = consensus.result()
+            for stage in stages.values():
+                draft.artifacts.update(stage["artifacts"])
             timings = {name: sum(s["timings"].values()) for name, s in stages.items()}
             manifest = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -45,7 +49,8 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
                 "inputs": stages["ingest"]["inputs"],
                 "code_version": code_version(),
                 "parameters": catalog.settings.model_dump(mode="json"),
-                "counts": stages["ingest"]["counts"],
+                "counts": {k: v for stage in stages.values() for k, v in stage.get("counts", {}).items()},
+                "stages": list(stages),
                 "notes": [n for s in stages.values() for n in s.get("notes", [])],
                 "stage_timings": {name: s["timings"] for name, s in stages.items()},
                 "stage_seconds": timings,

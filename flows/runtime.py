@@ -55,7 +55,7 @@ def prefect_api() -> Iterator[str]:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # send buffered run logs while the server is still up
+        APILogHandler().flush()  # send buffered run logs while the server is still up
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 

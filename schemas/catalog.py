@@ -16,7 +16,11 @@ from schemas.tables import TABLES
 
 INPUTS = ("imagery", "input_sites", "input_assignments", "input_labels", "input_item_labels")
 REQUIRED_INPUTS = ("imagery", "input_sites", "input_assignments", "input_labels")
-ARTIFACTS = ("sites", "tiles", "labels", "assignments", "item_labels")
+ARTIFACTS = (
+    "sites", "tiles", "labels", "assignments", "item_labels",
+    "assignment_quality", "labeller_quality", "site_consensus", "consensus_labels", "consensus_rasters",
+    "item_consensus", "item_labeller_quality", "item_confusion",
+)  # fmt: skip
 
 
 class CatalogError(ValueError):
@@ -32,7 +36,7 @@ class Dataset(_Strict):
     uri: str = Field(
         min_length=1, description="Path or glob relative to the root (inputs), or to the version."
     )
-    format: Literal["geotiff", "vector", "csv", "parquet", "geoparquet"]
+    format: Literal["geotiff", "vector", "csv", "parquet", "geoparquet", "cog"]
     description: str = ""
     schema_ref: str | None = Field(None, alias="schema", description="Table name in schemas/tables.py.")
     primary_key: list[str] = []
