@@ -239,7 +239,7 @@ CONSENSUS_LABELS = TableSpec(
     {
         "polygon_id": _ids("site_id/c<ordinal>."),
         "site_id": _ids("Site."),
-        "class": Col(ID, "Polygon class (or 'field' when unclassed)."),
+        "class": Col(ID, "Polygon class; null = a field whose class the labellers left unset or split.", True),
         "confidence": Col(float, "Mean posterior field probability inside the polygon.", checks=_UNIT),
         "geometry": Col(object, "Polygon in the site's native CRS."),
     },
