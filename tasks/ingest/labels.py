@@ -15,6 +15,18 @@ from shapely.geometry import box
 from tasks.ingest.readers import require_columns, require_ids, require_unique
 from tasks.store.errors import InputError
 
+LABEL_COLUMNS = [
+    "polygon_id",
+    "site_id",
+    "labeller_id",
+    "label",
+    "area_m2",
+    "was_valid",
+    "repair_note",
+    "geometry",
+    "crs",
+]
+
 
 def normalise_sites(gdf: gpd.GeoDataFrame, path: str) -> gpd.GeoDataFrame:
     """Check ids and footprints; return site_id + geometry in EPSG:4326 (row numbers kept as index)."""
@@ -62,7 +74,7 @@ def normalise_assignments(
         {
             "site_id": df["site_id"].to_numpy(),
             "labeller_id": df["labeller_id"].to_numpy(),
-            "completed_at": parsed.astype("datetime64[us, UTC]").to_numpy(),
+            "completed_at": parsed.astype("datetime64[us, UTC]"),  # a Series: keeps UTC when all NaT
             "status": np.where(completed, "completed", "pending"),
             "is_reference": df["labeller_id"].isin(reference).to_numpy(),
         },
@@ -81,6 +93,8 @@ def normalise_labels(
 
     ``grids`` has one row per site: site_id, crs, transform, width, height (the site's pixel grid).
     """
+    if len(gdf) == 0:  # a file without features (an empty GeoJSON carries no columns at all)
+        return _no_labels()
     require_columns(gdf, ["site_id", "labeller_id"], path)
     require_ids(gdf, ["site_id", "labeller_id"], path)
     if "label" not in gdf.columns:
@@ -122,20 +136,15 @@ def normalise_labels(
             continue
         part = part.to_crs(crs)
         out.append(_repair_and_clip(part, path, grids, crs, label.loc[part.index]))
-    cols = [
-        "polygon_id",
-        "site_id",
-        "labeller_id",
-        "label",
-        "area_m2",
-        "was_valid",
-        "repair_note",
-        "geometry",
-        "crs",
-    ]
     if not out:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
-    return pd.concat(out, ignore_index=True)[cols]
+        return _no_labels()
+    return pd.concat(out, ignore_index=True)[LABEL_COLUMNS]
+
+
+def _no_labels() -> pd.DataFrame:
+    """The labels table without rows, typed so that it validates (nobody drew a polygon yet)."""
+    dtypes = {"area_m2": float, "was_valid": bool}
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, object)) for c in LABEL_COLUMNS})
 
 
 def _repair_and_clip(part, path, grids, crs, label) -> pd.DataFrame:

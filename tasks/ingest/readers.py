@@ -35,11 +35,12 @@ def read_table_file(path: str | Path, rename: dict[str, str] | None = None, cons
         raise InputError(path, "file not found")
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
-            df = pd.read_parquet(path)
+            # Nullable dtypes: an integer id column with a gap stays integer (1 -> "1", not "1.0").
+            df = pd.read_parquet(path, dtype_backend="numpy_nullable")
         except Exception as exc:
             raise InputError(path, f"unreadable Parquet: {exc}") from None
         for col in df.columns:
-            if df[col].dtype != object and not str(df[col].dtype).startswith(("string", "datetime")):
+            if not str(df[col].dtype).startswith("datetime"):
                 df[col] = df[col].astype("string").astype(object).where(df[col].notna(), None)
     else:
         text = _check_utf8(path, path.read_bytes())
@@ -100,11 +101,9 @@ def require_unique(df: pd.DataFrame, cols: list[str], path: str | Path) -> None:
     if dup.any():
         row = df.index[dup.to_numpy()][0]
         key = ", ".join(f"{c}={df.loc[row, c]!r}" for c in cols)
-        raise InputError(
-            path,
-            f"duplicate {key} (first seen at row {df.index[df.duplicated(cols, keep='last').to_numpy()][0]})",
-            row=row,
-        )
+        group = df.groupby(cols, sort=False, dropna=False).ngroup()
+        first = df.index[(group == group.loc[row]).to_numpy()][0]  # earliest row with this same key
+        raise InputError(path, f"duplicate {key} (first seen at row {first})", row=row)
 
 
 def read_vector(path: str | Path, rename: dict[str, str] | None = None, constants=None) -> gpd.GeoDataFrame:

@@ -86,6 +86,9 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
         for part in sorted(path.glob("*.parquet")):
             gdf = gpd.read_parquet(part, columns=columns)
             df = pd.DataFrame(gdf)
+            # Plain shapely objects: a GeometryArray carries its part's CRS, and pandas refuses to
+            # concatenate arrays of different CRSs.
+            df[gdf.geometry.name] = pd.Series(gdf.geometry.to_numpy(), index=df.index, dtype=object)
             df["crs"] = gdf.crs.to_string() if gdf.crs is not None else None
             frames.append(df)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
