@@ -59,6 +59,9 @@ def _print_published(result: dict, root: Path) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
     console.print(f"  counts:    {counts}")
     console.print(f"  versions:  labelrefinery versions --catalog {root / 'data_catalog.yaml'}")
+    if result.get("report"):
+        console.print(f"  report:    {result['report']}")
+        console.print(f"  browse:    labelrefinery serve --catalog {root / 'data_catalog.yaml'}")
 
 
 @app.command()
@@ -178,6 +181,9 @@ def _register_standalone() -> None:
 
     app.command("item-consensus")(item_consensus)
     app.command("find-label-issues")(find_label_issues)
+    from flows.serve import serve
+
+    app.command("serve")(serve)
 
 
 _register_standalone()

@@ -16,6 +16,8 @@ from flows.runtime import stage_resources
 from schemas.catalog import load_catalog
 from tasks.consensus.tasks import consensus_task
 from tasks.ingest.tasks import ingest_task
+from tasks.report import build_reports_index
+from tasks.report.tasks import report_task
 from tasks.store.provenance import catalog_record, code_version
 from tasks.store.versions import VersionStore
 
@@ -32,23 +34,38 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
         stale = store.remove_stale_drafts()
         if stale:
             logger.warning("removed %d draft(s) left by interrupted runs", len(stale))
+        previous = store.latest_id()
         draft = store.new_draft()
+        out = str(draft.path)
         stages: dict[str, dict] = {}
         try:
             with dask.annotate(resources=stage_resources("cpu")):
-                ingest = ingest_task.submit(catalog_path, str(draft.path))
-                consensus = consensus_task.submit(catalog_path, str(draft.path), ingest)
+                ingest = ingest_task.submit(catalog_path, out)
+                consensus = consensus_task.submit(catalog_path, out, ingest)
             stages["ingest"] = ingest.result()
             stages["consensus"] = consensus.result()
             for stage in stages.values():
                 draft.artifacts.update(stage["artifacts"])
+            cat_rec, code = catalog_record(catalog), code_version()
+            provenance = {
+                "inputs": stages["ingest"]["inputs"],
+                "catalog": {k: cat_rec[k] for k in ("path", "hash", "name")},
+                "code_version": code,
+                "parameters": catalog.settings.model_dump(mode="json"),
+                "stage_timings": {name: s["timings"] for name, s in stages.items()},
+            }
+            prev_dir = str(store.version_path(previous)) if previous else None
+            with dask.annotate(resources=stage_resources("cpu")):
+                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=consensus)
+            stages["report"] = report.result()
+            draft.artifacts.update(stages["report"]["artifacts"])
             timings = {name: sum(s["timings"].values()) for name, s in stages.items()}
             manifest = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "catalog": catalog_record(catalog),
+                "catalog": cat_rec,
                 "inputs": stages["ingest"]["inputs"],
-                "code_version": code_version(),
-                "parameters": catalog.settings.model_dump(mode="json"),
+                "code_version": code,
+                "parameters": provenance["parameters"],
                 "counts": {k: v for stage in stages.values() for k, v in stage.get("counts", {}).items()},
                 "stages": list(stages),
                 "notes": [n for s in stages.values() for n in s.get("notes", [])],
@@ -60,8 +77,14 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
         except BaseException:
             store.discard(draft)
             raise
+        build_reports_index(catalog.root_path)
     logger.info("published version %s at %s", draft.version_id, final)
-    return {"version_id": draft.version_id, "path": str(final), "counts": manifest["counts"]}
+    return {
+        "version_id": draft.version_id,
+        "path": str(final),
+        "counts": manifest["counts"],
+        "report": str(final / "report" / "index.html"),
+    }
 
 
 def run_refresh(

@@ -75,6 +75,14 @@ def write_site_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: np.nda
         dst.build_overviews([2, 4], Resampling.average)
 
 
+def _first_pass(batch, params: ConsensusParams) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Quality and vote-pattern counts of one batch, in one task: both use (and then release) the batch's
+    per-site caches, so running them as two concurrent tasks on shared objects would race."""
+    aq = quality_batch(batch, params)
+    counts = pattern_counts_batch(batch, params) if params.method == "em" else None
+    return aq, counts
+
+
 def _consensus_and_write(batch, model, lq, params, raster_dir: str) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
     grids = {s.site_id: s.grid for s in batch}
     res = consensus_batch(batch, model, lq, params)
@@ -100,11 +108,9 @@ def run_consensus_stage(catalog: Catalog, version_dir: str | Path) -> ConsensusS
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    first = dask.compute(
-        [dask.delayed(quality_batch)(b, params) for b in parts],
-        [dask.delayed(pattern_counts_batch)(b, params) for b in parts] if params.method == "em" else [],
-    )
-    aq_parts, count_parts = first
+    first = dask.compute(*[dask.delayed(_first_pass)(b, params) for b in parts])
+    aq_parts = [f[0] for f in first]
+    count_parts = [f[1] for f in first if f[1] is not None]
     aq = pd.concat(aq_parts, ignore_index=True) if aq_parts else quality_batch([], params)
     lq = labeller_quality(aq, params)
     model = None
