@@ -20,6 +20,9 @@ ARTIFACTS = (
     "sites", "tiles", "labels", "assignments", "item_labels",
     "assignment_quality", "labeller_quality", "site_consensus", "consensus_labels", "consensus_rasters",
     "item_consensus", "item_labeller_quality", "item_confusion",
+    "label_issues", "assignment_issues",
+    "model", "oos_probabilities", "pseudo_probabilities", "pseudo_labels", "pseudo_label_thresholds",
+    "metrics", "report",
 )  # fmt: skip
 
 
@@ -36,7 +39,7 @@ class Dataset(_Strict):
     uri: str = Field(
         min_length=1, description="Path or glob relative to the root (inputs), or to the version."
     )
-    format: Literal["geotiff", "vector", "csv", "parquet", "geoparquet", "cog"]
+    format: Literal["geotiff", "vector", "csv", "parquet", "geoparquet", "cog", "pytorch", "json", "html"]
     description: str = ""
     schema_ref: str | None = Field(None, alias="schema", description="Table name in schemas/tables.py.")
     primary_key: list[str] = []

@@ -285,12 +285,116 @@ ITEM_CONFUSION = TableSpec(
     ("labeller_id", "true_label", "given_label"),
 )
 
+ISSUE_KINDS = (
+    "missed_field", "spurious_field", "boundary", "model_only", "empty_assignment", "possible_spammer",
+)  # fmt: skip
+
+LABEL_ISSUES = TableSpec(
+    "label_issues",
+    "Pixel confident-learning issues of crowd assignments as regions, ranked over the dataset "
+    "(docs/label_issues.md); native CRS, one part per CRS.",
+    {
+        "issue_id": _ids("site_id/labeller_id/ordinal within the assignment."),
+        "site_id": _ids("Site."),
+        "labeller_id": _ids("Crowd labeller whose assignment has the issue."),
+        "kind": Col(ID, "Issue kind.", checks=(pa.Check.isin(ISSUE_KINDS),)),
+        "rank": Col("int64", "1 = fix first (score descending).", checks=(pa.Check.ge(1),)),
+        "score": Col(
+            float,
+            "area_m2 x mean margin (t_given - p_given) x weight (consensus agreement share; without an "
+            "independent consensus the labeller's gold error rate 1 - iou_pooled, else 0.5).",
+            checks=(pa.Check.ge(0),),
+        ),
+        "area_m2": Col(float, "Flagged area of the region.", checks=(pa.Check.gt(0),)),
+        "n_pixels": Col("int64", "Flagged pixels in the region.", checks=(pa.Check.gt(0),)),
+        "mean_p_field": Col(float, "Mean model p(field) over the region.", checks=_UNIT),
+        "consensus_agreement": Col(
+            float,
+            "Share of the region where the consensus disagrees with the labeller; NaN = no consensus "
+            "independent of this labeller.",
+            True,
+            _UNIT_OR_NAN,
+        ),
+        "labeller_polygon_id": Col(ID, "The labeller's polygon involved (labels.polygon_id), if any.", True),
+        "evidence": Col(ID, "JSON: areas, margins, thresholds, consensus, probability source, gold record."),
+        "geometry": Col(object, "Region (Polygon or MultiPolygon, pixel-exact) in the site's native CRS."),
+    },
+    ("issue_id",),
+    geometry=True,
+)
+
+ASSIGNMENT_ISSUES = TableSpec(
+    "assignment_issues",
+    "Per crowd assignment: flagged share and summed issue score, ranked (1 = review first).",
+    {
+        "site_id": _ids("Site."),
+        "labeller_id": _ids("Crowd labeller."),
+        "n_issues": Col("int64", "Rows of label_issues for this assignment.", checks=(pa.Check.ge(0),)),
+        "flagged_fraction": Col(float, "Flagged pixels / scored footprint pixels.", checks=_UNIT),
+        "issue_score": Col(float, "Sum of the assignment's issue scores.", checks=(pa.Check.ge(0),)),
+        "rank": Col("int64", "1 = review first (issue_score descending).", checks=(pa.Check.ge(1),)),
+        "n_pixels": Col("int64", "Scored footprint pixels (with a prediction).", checks=(pa.Check.ge(0),)),
+        "drawn_fraction": Col(float, "Share of scored pixels the labeller drew as field.", checks=_UNIT),
+        "flagged_drawn_fraction": Col(float, "Share of the drawn pixels flagged.", checks=_UNIT),
+        "flagged_union_fraction": Col(
+            float, "Flagged px / px the labeller or the model calls field (spammer test).", False, _UNIT
+        ),
+        "model_field_fraction": Col(float, "Share of scored pixels with p(field) >= 0.5.", checks=_UNIT),
+        "consensus_field_fraction": Col(
+            float, "Consensus field share; NaN = no independent consensus.", True, _UNIT_OR_NAN
+        ),
+        "summary_kind": Col(
+            ID, "empty_assignment | possible_spammer when the whole assignment is wrong.", True
+        ),
+    },
+    ("site_id", "labeller_id"),
+)
+
+PSEUDO_LABELS = TableSpec(
+    "pseudo_labels",
+    "Model field polygons on unlabelled sites (and second opinions on single-labeller sites), with "
+    "confidence and whether they pass their class threshold (docs/learn.md); native CRS, one part per CRS.",
+    {
+        "polygon_id": _ids("site_id-p<ordinal>."),
+        "site_id": _ids("Site."),
+        "class": _ids("Polygon class ('field': the model separates field interior from boundary only)."),
+        "confidence": Col(float, "Mean predicted field probability inside the polygon.", checks=_UNIT),
+        "source": Col(
+            ID, "unlabelled | single_second_opinion.", checks=(pa.Check.isin(("unlabelled", "single_second_opinion")),)
+        ),
+        "kept": Col(bool, "confidence >= the class threshold in pseudo_label_thresholds."),
+        "geometry": Col(object, "Polygon (pixel-exact edges) in the site's native CRS."),
+    },
+    ("polygon_id",),
+    geometry=True,
+)
+
+PSEUDO_LABEL_THRESHOLDS = TableSpec(
+    "pseudo_label_thresholds",
+    "Per class: the lowest confidence whose out-of-sample polygons on gold and multi sites reach the "
+    "target precision, with the precision and recall measured there.",
+    {
+        "class": _ids("Polygon class."),
+        "threshold": Col(float, "Keep polygons with confidence >= this; inf = no threshold reaches the target."),
+        "precision": Col(float, "Polygon precision at the threshold (IoU >= 0.5); NaN = nothing kept.", True),
+        "recall": Col(float, "Share of target polygons matched by a kept polygon.", True),
+        "n_polygons": Col("int64", "Out-of-sample polygons kept at the threshold.", checks=(pa.Check.ge(0),)),
+        "target_precision": Col(float, "The precision asked for.", checks=_UNIT),
+        "n_candidates": Col("int64", "Out-of-sample polygons evaluated.", checks=(pa.Check.ge(0),)),
+        "n_target_polygons": Col("int64", "Target polygons on the evaluation sites.", checks=(pa.Check.ge(0),)),
+        "n_sites": Col("int64", "Evaluation sites (gold and multi with out-of-sample probabilities)."),
+    },
+    ("class",),
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
         SITES, TILES, LABELS, ASSIGNMENTS, ITEM_LABELS,
         ASSIGNMENT_QUALITY, LABELLER_QUALITY, SITE_CONSENSUS, CONSENSUS_LABELS,
         ITEM_CONSENSUS, ITEM_LABELLER_QUALITY, ITEM_CONFUSION,
+        LABEL_ISSUES, ASSIGNMENT_ISSUES,
+        PSEUDO_LABELS, PSEUDO_LABEL_THRESHOLDS,
     )
 }  # fmt: skip
 
