@@ -136,6 +136,20 @@ class Catalog(_Strict):
         return str(uri if uri.is_absolute() else self.input_root_path / uri)
 
 
+DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "data_catalog.yaml"
+
+
+def _with_default_artifacts(raw: dict) -> dict:
+    """A user's catalog may list only its inputs: artifact entries it leaves out take the standard layout
+    of the repository's data_catalog.yaml (the one map of every dataset)."""
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, dict) or not DEFAULT_CATALOG.exists():
+        return raw
+    default = yaml.safe_load(DEFAULT_CATALOG.read_text(encoding="utf-8"))["datasets"]
+    missing = {k: v for k, v in default.items() if v.get("kind") == "artifact" and k not in datasets}
+    return {**raw, "datasets": {**datasets, **missing}} if missing else raw
+
+
 def load_catalog(path: str | Path) -> Catalog:
     """Read and validate a catalog file; raise :class:`CatalogError` naming entry and field."""
     path = Path(path)
@@ -150,7 +164,7 @@ def load_catalog(path: str | Path) -> Catalog:
     if not isinstance(raw, dict):
         raise CatalogError(f"{path}: expected a mapping at the top level")
     try:
-        cat = Catalog.model_validate(raw)
+        cat = Catalog.model_validate(_with_default_artifacts(raw))
     except ValidationError as exc:
         problems = []
         for err in exc.errors()[:5]:

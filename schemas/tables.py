@@ -239,7 +239,9 @@ CONSENSUS_LABELS = TableSpec(
     {
         "polygon_id": _ids("site_id/c<ordinal>."),
         "site_id": _ids("Site."),
-        "class": Col(ID, "Polygon class; null = a field whose class the labellers left unset or split.", True),
+        "class": Col(
+            ID, "Polygon class; null = a field whose class the labellers left unset or split.", True
+        ),
         "confidence": Col(float, "Mean posterior field probability inside the polygon.", checks=_UNIT),
         "geometry": Col(object, "Polygon in the site's native CRS."),
     },
@@ -360,7 +362,9 @@ PSEUDO_LABELS = TableSpec(
         "class": _ids("Polygon class ('field': the model separates field interior from boundary only)."),
         "confidence": Col(float, "Mean predicted field probability inside the polygon.", checks=_UNIT),
         "source": Col(
-            ID, "unlabelled | single_second_opinion.", checks=(pa.Check.isin(("unlabelled", "single_second_opinion")),)
+            ID,
+            "unlabelled | single_second_opinion.",
+            checks=(pa.Check.isin(("unlabelled", "single_second_opinion")),),
         ),
         "kept": Col(bool, "confidence >= the class threshold in pseudo_label_thresholds."),
         "geometry": Col(object, "Polygon (pixel-exact edges) in the site's native CRS."),
@@ -375,13 +379,17 @@ PSEUDO_LABEL_THRESHOLDS = TableSpec(
     "target precision, with the precision and recall measured there.",
     {
         "class": _ids("Polygon class."),
-        "threshold": Col(float, "Keep polygons with confidence >= this; inf = no threshold reaches the target."),
+        "threshold": Col(
+            float, "Keep polygons with confidence >= this; inf = no threshold reaches the target."
+        ),
         "precision": Col(float, "Polygon precision at the threshold (IoU >= 0.5); NaN = nothing kept.", True),
         "recall": Col(float, "Share of target polygons matched by a kept polygon.", True),
         "n_polygons": Col("int64", "Out-of-sample polygons kept at the threshold.", checks=(pa.Check.ge(0),)),
         "target_precision": Col(float, "The precision asked for.", checks=_UNIT),
         "n_candidates": Col("int64", "Out-of-sample polygons evaluated.", checks=(pa.Check.ge(0),)),
-        "n_target_polygons": Col("int64", "Target polygons on the evaluation sites.", checks=(pa.Check.ge(0),)),
+        "n_target_polygons": Col(
+            "int64", "Target polygons on the evaluation sites.", checks=(pa.Check.ge(0),)
+        ),
         "n_sites": Col("int64", "Evaluation sites (gold and multi with out-of-sample probabilities)."),
     },
     ("class",),

@@ -13,6 +13,10 @@ class InputError(ValueError):
         where = f"{path}: row {row}" if row is not None else f"{path}"
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):
+        # Errors raised on a Dask worker travel back pickled; rebuild from the fields, not the message.
+        return (type(self), (self.path, self.reason, self.row))
+
 
 def retry_on_transient_io(task, task_run, state) -> bool:
     """Prefect retry condition: retry I/O hiccups (OSError), never bad input or bugs."""
