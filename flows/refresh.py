@@ -16,6 +16,7 @@ from flows.runtime import stage_resources
 from schemas.catalog import load_catalog
 from tasks.consensus.tasks import consensus_task
 from tasks.ingest.tasks import ingest_task
+from tasks.learn.issues_tasks import label_issues_task
 from tasks.report import build_reports_index
 from tasks.report.tasks import report_task
 from tasks.store.provenance import catalog_record, code_version
@@ -42,8 +43,10 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
             with dask.annotate(resources=stage_resources("cpu")):
                 ingest = ingest_task.submit(catalog_path, out)
                 consensus = consensus_task.submit(catalog_path, out, ingest)
+                issues = label_issues_task.submit(catalog_path, out, consensus)
             stages["ingest"] = ingest.result()
             stages["consensus"] = consensus.result()
+            stages["label_issues"] = issues.result()
             for stage in stages.values():
                 draft.artifacts.update(stage["artifacts"])
             cat_rec, code = catalog_record(catalog), code_version()
@@ -56,7 +59,7 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
             }
             prev_dir = str(store.version_path(previous)) if previous else None
             with dask.annotate(resources=stage_resources("cpu")):
-                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=consensus)
+                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=issues)
             stages["report"] = report.result()
             draft.artifacts.update(stages["report"]["artifacts"])
             timings = {name: sum(s["timings"].values()) for name, s in stages.items()}

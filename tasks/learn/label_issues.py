@@ -1,0 +1,397 @@
+"""The ``label_issues`` stage: pixel confident learning over every crowd assignment, ranked for review.
+
+Two passes over batches of sites, fanned out with ``dask.delayed`` on the active scheduler: (1) a
+(given class x p(field)) histogram per batch, summed and fitted once (thresholds pooled over all sites
+and labellers); (2) per assignment, flagged pixels -> regions -> issues. Batches read their own rasters,
+so memory is O(batch). See docs/label_issues.md for the method and the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import rasterio
+from rasterio.features import rasterize
+
+from schemas.catalog import Catalog
+from tasks.learn.pixel_issues import (
+    KINDS,
+    IssueParams,
+    PixelCL,
+    PixelStats,
+    assignment_regions,
+    field_probability,
+    fit_pixel_cl,
+    quantise,
+)
+from tasks.store.artifacts import read_table, write_table
+from tasks.store.errors import InputError
+from tasks.store.grid import SiteGrid
+
+OOS_URI = "oos_probabilities"
+ISSUE_COLUMNS = [
+    "issue_id", "site_id", "labeller_id", "kind", "rank", "score", "area_m2", "n_pixels", "mean_p_field",
+    "consensus_agreement", "labeller_polygon_id", "evidence", "crs", "geometry",
+]  # fmt: skip
+SUMMARY_COLUMNS = [
+    "site_id", "labeller_id", "n_issues", "flagged_fraction", "issue_score", "rank", "n_pixels",
+    "drawn_fraction", "flagged_drawn_fraction", "flagged_union_fraction", "model_field_fraction",
+    "consensus_field_fraction", "consensus_independent", "summary_kind",
+] + [f"n_{k}" for k in KINDS[:4]]  # fmt: skip
+
+
+@dataclass
+class SiteWork:
+    """One site's inputs for both passes (picklable). Probabilities and consensus come either as arrays
+    or as GeoTIFF paths read inside the batch; ``prob_kind="consensus"`` reads band 1 of a consensus
+    raster as p(field) (the stand-in before a model exists)."""
+
+    grid: SiteGrid
+    labellers: dict[str, tuple[list[str], list]]  # crowd labeller -> (polygon ids, geometries)
+    consensus_independent: bool  # gold site or >= 2 crowd voters: the consensus is not just this labeller
+    probs: np.ndarray | None = None
+    prob_path: str | None = None
+    prob_kind: str = "oos"
+    consensus: np.ndarray | None = None
+    consensus_path: str | None = None
+
+    site_id = property(lambda self: self.grid.site_id)
+    has_probabilities = property(lambda self: self.probs is not None or self.prob_path is not None)
+
+
+@dataclass
+class LabelIssuesResult:
+    label_issues: pd.DataFrame
+    assignment_issues: pd.DataFrame
+    model: PixelCL
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LabelIssuesStageResult:
+    artifacts: dict[str, dict]
+    timings: dict[str, float]
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def params_from_catalog(catalog: Catalog) -> IssueParams:
+    overrides = dict(catalog.settings.learn.get("label_issues", {}) or {})
+    return IssueParams(**overrides)
+
+
+def read_site_probabilities(path: str | Path, grid: SiteGrid, kind: str = "oos") -> np.ndarray:
+    """(bands, H, W) float32 from a GeoTIFF on the site's grid; ``kind="consensus"`` turns band 1 of a
+    consensus raster into (2, H, W) [1 - p, p]. Raise ``InputError`` when the file does not fit the grid."""
+    try:
+        with rasterio.open(path) as src:
+            if (src.height, src.width) != (grid.height, grid.width):
+                raise InputError(
+                    path, f"raster is {src.height}x{src.width}, site grid {grid.height}x{grid.width}"
+                )
+            if src.crs is not None and src.crs != rasterio.crs.CRS.from_user_input(grid.crs):
+                raise InputError(path, f"raster CRS {src.crs} differs from the site grid CRS {grid.crs}")
+            if not src.transform.almost_equals(grid.affine, precision=1e-6 * max(grid.pixel_size, 1.0)):
+                raise InputError(path, f"raster transform {tuple(src.transform)[:6]} is not the site grid's")
+            if kind == "consensus":
+                p = src.read(1).astype(np.float32)
+                return np.stack([1 - p, p])
+            if src.count not in (2, 3):
+                raise InputError(
+                    path, f"expected 3 bands (background, interior, boundary); found {src.count}"
+                )
+            return src.read().astype(np.float32)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(path, f"cannot read raster ({exc})") from None
+
+
+def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = ()) -> list[SiteWork]:
+    """One SiteWork per site with >= 1 completed crowd (non-reference) assignment, polygons in native CRS."""
+    refs = set(map(str, reference_labellers))
+    a = assignments[assignments["status"].astype(str) == "completed"].copy()
+    a["labeller_id"] = a["labeller_id"].astype(str)
+    a["site_id"] = a["site_id"].astype(str)
+    a["ref"] = a["is_reference"].fillna(False).astype(bool) | a["labeller_id"].isin(refs)
+    by_site = {sid: g for sid, g in a.groupby("site_id", sort=True)}
+    lab = labels.assign(site_id=labels["site_id"].astype(str), labeller_id=labels["labeller_id"].astype(str))
+    polys = {key: g for key, g in lab.groupby(["site_id", "labeller_id"], sort=False)}
+    out = []
+    for row in sites.sort_values("site_id").itertuples(index=False):
+        sid = str(row.site_id)
+        g = by_site.get(sid)
+        crowd = sorted(g.loc[~g["ref"], "labeller_id"].unique()) if g is not None else []
+        if not crowd:
+            continue
+        lab_polys = {}
+        for lid in crowd:
+            p = polys.get((sid, lid))
+            lab_polys[lid] = (
+                ([], []) if p is None else (p["polygon_id"].astype(str).tolist(), list(p.geometry))
+            )
+        grid = SiteGrid.from_row(row._asdict())
+        out.append(SiteWork(grid, lab_polys, bool(g["ref"].any()) or len(crowd) >= 2))
+    return out
+
+
+def _site_arrays(w: SiteWork, params: IssueParams):
+    """(bins, consensus field mask or None, {labeller: polygon index raster}); footprint = finite consensus"""
+    probs = w.probs if w.probs is not None else read_site_probabilities(w.prob_path, w.grid, w.prob_kind)
+    try:
+        pf = field_probability(probs, f"probabilities of site {w.site_id}", params.prob_tolerance)
+    except ValueError as exc:  # from a file: name it, as every bad-input error does
+        raise (InputError(w.prob_path, str(exc)) if w.probs is None else exc) from None
+    if pf.shape != (w.grid.height, w.grid.width):
+        raise ValueError(f"probabilities of site {w.site_id} are {pf.shape}, not the site grid's")
+    cons = w.consensus
+    if cons is None and w.consensus_path is not None:
+        cons = read_site_probabilities(w.consensus_path, w.grid, "consensus")[1]
+    if cons is not None:
+        pf[~np.isfinite(cons)] = np.nan
+    cons_field = None
+    if cons is not None and w.consensus_independent:
+        cons_field = np.nan_to_num(cons, nan=0.0) >= params.consensus_threshold
+    ids, shape = {}, (w.grid.height, w.grid.width)
+    for lid, (_, geoms) in w.labellers.items():  # pixel-centre rule; later polygons win on overlaps
+        shp = [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+        ids[lid] = (
+            rasterize(shp, shape, transform=w.grid.affine, dtype="int32")
+            if shp
+            else np.zeros(shape, np.int32)
+        )
+    return quantise(pf, params.n_bins), cons_field, ids
+
+
+def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
+    """Pass 1: the (given class x p(field) bin) histogram of every crowd assignment in the batch."""
+    stats = PixelStats.zeros(params.n_bins)
+    for w in batch:
+        bins, _, ids = _site_arrays(w, params)
+        for raster in ids.values():
+            stats.add(bins, (raster > 0).astype(np.int8))
+    return stats
+
+
+def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> tuple[list[dict], list[dict]]:
+    """Pass 2: issue records and one summary row per assignment (unranked, geometry in native CRS)."""
+    issues, summaries = [], []
+    for w in batch:
+        bins, cons, ids = _site_arrays(w, params)
+        area = abs(w.grid.transform[0] * w.grid.transform[4])
+        for lid, raster in ids.items():
+            recs, summary = assignment_regions(bins, raster, cons, model, params, w.grid.affine, area)
+            names = w.labellers[lid][0]
+            counts = {k: 0 for k in KINDS[:4]}
+            for k, r in enumerate(recs):
+                for kind, n in (r.get("regions") or {r["kind"]: 1}).items():
+                    counts[kind] = counts.get(kind, 0) + n
+                poly = r.pop("polygon")
+                r.update(
+                    site_id=w.site_id,
+                    labeller_id=lid,
+                    issue_id=f"{w.site_id}/{lid}/{k:04d}",
+                    labeller_polygon_id=names[poly - 1] if poly else None,
+                    consensus_independent=w.consensus_independent,
+                    crs=w.grid.crs,
+                )
+                issues.append(r)
+            summary.update(
+                site_id=w.site_id,
+                labeller_id=lid,
+                n_issues=len(recs),
+                consensus_independent=w.consensus_independent,
+                **{f"n_{k}": counts.get(k, 0) for k in KINDS[:4]},
+            )
+            summaries.append(summary)
+    return issues, summaries
+
+
+def _clean(v):
+    if isinstance(v, float | np.floating):
+        return None if not math.isfinite(v) else round(float(v), 6)
+    if isinstance(v, np.integer | np.bool_):
+        return v.item()
+    return v
+
+
+def _evidence(r, cols: list[str], common: dict, gold: dict | None) -> str:
+    ev = {c: _clean(getattr(r, c)) for c in cols} | common | {"labeller_gold": gold}
+    if isinstance(r.regions, dict):
+        ev["regions"] = r.regions  # region counts behind a whole-assignment issue
+    return json.dumps(ev, sort_keys=True)
+
+
+def _gold_records(lq: pd.DataFrame | None) -> dict[str, dict]:
+    cols = [
+        c for c in ("n_gold", "iou_pooled", "iou_mean", "lacuna_score_mean") if lq is not None and c in lq
+    ]
+    rows = lq[["labeller_id", *cols]].to_dict("records") if lq is not None and len(lq) else []
+    return {str(r.pop("labeller_id")): {k: _clean(v) for k, v in r.items()} for r in rows}
+
+
+def uncorroborated_weight(gold: dict | None, params: IssueParams) -> float:
+    """Weight of model-only evidence: the labeller's gold error rate 1 - iou_pooled (>= 0.05) when known (a
+    labeller who is usually right is likelier right where only the model disagrees), else the default."""
+    iou = (gold or {}).get("iou_pooled")
+    if params.gold_weighting and iou is not None and (gold or {}).get("n_gold"):
+        return float(np.clip(1.0 - iou, 0.05, 1.0))
+    return params.uncorroborated_weight
+
+
+def rank_tables(
+    issues: list[dict],
+    summaries: list[dict],
+    labeller_quality: pd.DataFrame | None,
+    source: str,
+    thresholds: Sequence[float] = (),
+    params: IssueParams | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Final scores (gold-weighted where there is no independent consensus), ranks over the whole
+    dataset (1 = fix first: score desc, ties by ids), assignment totals, and the evidence JSON."""
+    params = params or IssueParams()
+    gold = _gold_records(labeller_quality)
+    extra = ["mean_margin", "zone_share", "offset_px", "consensus_independent", "regions",
+             "uncorroborated_base"]  # fmt: skip
+    li = pd.DataFrame(issues, columns=[c for c in ISSUE_COLUMNS if c not in ("rank", "evidence")] + extra)
+    w = np.array([uncorroborated_weight(gold.get(lid), params) for lid in li["labeller_id"]], float)
+    base = li["uncorroborated_base"].to_numpy(float)
+    li["score"] = li["score"].to_numpy(float) + base * (w - params.uncorroborated_weight)
+    li["weight"] = np.where(li["consensus_agreement"].isna(), w, li["consensus_agreement"].astype(float))
+    li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
+    li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
+    ev_cols = ["area_m2", "n_pixels", "mean_p_field", "mean_margin", "consensus_agreement", "weight",
+               "consensus_independent", "zone_share", "offset_px", "labeller_polygon_id"]  # fmt: skip
+    common = {"probability_source": source, "thresholds": [_clean(t) for t in thresholds]}
+    li["evidence"] = [_evidence(r, ev_cols, common, gold.get(r.labeller_id)) for r in li.itertuples()]
+    floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
+    li = li[ISSUE_COLUMNS].astype(floats | {"n_pixels": np.int64})
+
+    ai = pd.DataFrame(summaries, columns=[c for c in SUMMARY_COLUMNS if c not in ("rank", "issue_score")])
+    totals = li.groupby(["site_id", "labeller_id"])["score"].sum().rename("issue_score").reset_index()
+    ai = ai.merge(totals, on=["site_id", "labeller_id"], how="left").fillna({"issue_score": 0.0})
+    ai = ai.sort_values(["issue_score", "flagged_fraction", "site_id", "labeller_id"], ascending=[0, 0, 1, 1])
+    ai["rank"] = np.arange(1, len(ai) + 1, dtype=np.int64)
+    floats = [c for c in SUMMARY_COLUMNS if c.endswith("fraction")] + ["issue_score"]
+    ints = ("n_issues", "n_pixels", *(f"n_{k}" for k in KINDS[:4]))
+    dtypes = {c: float for c in floats} | {c: np.int64 for c in ints} | {"consensus_independent": bool}
+    return li.reset_index(drop=True), ai[SUMMARY_COLUMNS].astype(dtypes).reset_index(drop=True)
+
+
+def run_label_issues(
+    work: list[SiteWork],
+    params: IssueParams | None = None,
+    labeller_quality: pd.DataFrame | None = None,
+    batch_size: int = 100,
+    source: str = "oos",
+) -> LabelIssuesResult:
+    """Both passes on the active Dask scheduler; sites without probabilities are skipped (noted)."""
+    params = params or IssueParams()
+    notes = []
+    if missing := [w.site_id for w in work if not w.has_probabilities]:
+        notes.append(
+            f"{len(missing)} labelled site(s) without probabilities skipped: {', '.join(missing[:10])}"
+        )
+    work = [w for w in work if w.has_probabilities]
+    size = params.batch_size or batch_size
+    parts = [work[i : i + size] for i in range(0, len(work), size)]
+    stats = dask.compute(*[dask.delayed(stats_batch)(b, params) for b in parts])
+    model = fit_pixel_cl(reduce(PixelStats.__add__, stats, PixelStats.zeros(params.n_bins)), params.filter_by)
+    for k in np.flatnonzero(model.n_given == 0):
+        notes.append(f"no crowd pixel is labelled {('background', 'field')[k]}: nothing is flagged as it")
+    outs = dask.compute(*[dask.delayed(issues_batch)(b, model, params) for b in parts])
+    issues = [r for o in outs for r in o[0]]
+    summaries = [s for o in outs for s in o[1]]
+    li, ai = rank_tables(issues, summaries, labeller_quality, source, model.thresholds, params)
+    return LabelIssuesResult(li, ai, model, notes)
+
+
+def load_probabilities(
+    catalog: Catalog, version_dir: str | Path, site_ids: Sequence[str] | None = None, source: str = "auto"
+) -> tuple[dict[str, np.ndarray], str]:
+    """site_id -> (bands, H, W) probabilities and the source used ("oos" or the "consensus" stand-in).
+
+    "auto" reads ``oos_probabilities/<site_id>.tif`` when that folder holds any raster, else consensus band 1.
+    """
+    version_dir = Path(version_dir)
+    sites = read_table(version_dir / catalog.datasets["sites"].uri)
+    grids = {str(r["site_id"]): SiteGrid.from_row(r) for r in sites.to_dict("records")}
+    folder, kind = _prob_folder(catalog, version_dir, source)
+    out = {}
+    for sid in site_ids if site_ids is not None else sorted(grids):
+        path = folder / f"{sid}.tif"
+        if path.is_file():
+            out[sid] = read_site_probabilities(path, grids[sid], kind)
+    return out, kind
+
+
+def _prob_folder(catalog: Catalog, version_dir: Path, source: str) -> tuple[Path, str]:
+    entry = catalog.datasets.get("oos_probabilities")
+    oos = version_dir / (entry.uri if entry is not None else OOS_URI)
+    has_oos = oos.is_dir() and any(oos.glob("*.tif"))
+    if source == "oos" and not has_oos:
+        raise InputError(oos, "no out-of-sample probabilities; run the training stage or use source 'auto'")
+    if source == "oos" or (source == "auto" and has_oos):
+        return oos, "oos"
+    return version_dir / catalog.datasets["consensus_rasters"].uri, "consensus"
+
+
+def run_label_issues_stage(
+    catalog: Catalog, version_dir: str | Path, probabilities: Mapping[str, np.ndarray] | None = None
+) -> LabelIssuesStageResult:
+    """Read the ingest and consensus artifacts of ``version_dir``, write ``label_issues`` and
+    ``assignment_issues`` next to them. ``probabilities`` (site_id -> array) overrides the files."""
+    version_dir = Path(version_dir)
+    ds = catalog.datasets
+    params = params_from_catalog(catalog)
+    t0 = time.perf_counter()
+    sites = read_table(version_dir / ds["sites"].uri)
+    labels = read_table(version_dir / ds["labels"].uri)
+    assignments = read_table(version_dir / ds["assignments"].uri)
+    lq_path = version_dir / ds["labeller_quality"].uri
+    lq = read_table(lq_path) if lq_path.exists() else None
+    work = build_work(sites, labels, assignments, catalog.settings.reference_labellers)
+    cons_dir = version_dir / ds["consensus_rasters"].uri
+    if probabilities is None:
+        folder, source = _prob_folder(catalog, version_dir, params.probability_source)
+    else:
+        folder, source = None, "given"
+    for w in work:
+        cpath = cons_dir / f"{w.site_id}.tif"
+        w.consensus_path = str(cpath) if cpath.is_file() else None
+        if probabilities is not None:
+            w.probs = probabilities.get(w.site_id)
+        elif (folder / f"{w.site_id}.tif").is_file():
+            w.prob_path, w.prob_kind = str(folder / f"{w.site_id}.tif"), source
+    timings = {"load": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    res = run_label_issues(work, params, lq, catalog.settings.ingest.batch_size, source)
+    timings["issues"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    notes = list(res.notes)
+    if source == "consensus":
+        notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
+    no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
+    if no_cons:
+        notes.append(f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels")
+    known = set(catalog.settings.label_classes)
+    if known and "label" in labels:
+        odd = sorted(set(labels["label"].dropna().astype(str)) - known)
+        if odd:
+            notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
+    artifacts = {
+        "label_issues": write_table("label_issues", res.label_issues, version_dir / ds["label_issues"].uri),
+        "assignment_issues": write_table(
+            "assignment_issues", res.assignment_issues, version_dir / ds["assignment_issues"].uri
+        ),
+    }
+    timings["write"] = time.perf_counter() - t2
+    counts = {"label_issues": len(res.label_issues), "issue_assignments": len(res.assignment_issues)}
+    return LabelIssuesStageResult(artifacts, timings, counts, notes)
