@@ -375,22 +375,26 @@ PSEUDO_LABELS = TableSpec(
 
 PSEUDO_LABEL_THRESHOLDS = TableSpec(
     "pseudo_label_thresholds",
-    "Per class: the lowest confidence whose out-of-sample polygons on gold and multi sites reach the "
-    "target precision, with the precision and recall measured there.",
+    "Per class: the lowest confidence whose out-of-sample polygons reach the target precision (on gold "
+    "sites, or gold and multi when gold is thin), with the precision and recall measured there.",
     {
         "class": _ids("Polygon class."),
         "threshold": Col(
             float, "Keep polygons with confidence >= this; inf = no threshold reaches the target."
         ),
         "precision": Col(float, "Polygon precision at the threshold (IoU >= 0.5); NaN = nothing kept.", True),
+        "precision_lower": Col(float, "One-sided 90% Wilson lower bound of that precision.", True),
         "recall": Col(float, "Share of target polygons matched by a kept polygon.", True),
         "n_polygons": Col("int64", "Out-of-sample polygons kept at the threshold.", checks=(pa.Check.ge(0),)),
+        "basis": Col(ID, "Sites the threshold was measured on: gold, or gold+multi when gold is too thin."),
+        "consensus_precision": Col(float, "Precision at the threshold on consensus (multi) sites.", True),
+        "consensus_recall": Col(float, "Recall at the threshold on consensus (multi) sites.", True),
         "target_precision": Col(float, "The precision asked for.", checks=_UNIT),
-        "n_candidates": Col("int64", "Out-of-sample polygons evaluated.", checks=(pa.Check.ge(0),)),
+        "n_candidates": Col("int64", "Out-of-sample polygons on the basis sites.", checks=(pa.Check.ge(0),)),
         "n_target_polygons": Col(
-            "int64", "Target polygons on the evaluation sites.", checks=(pa.Check.ge(0),)
+            "int64", "Target polygons on the basis sites.", checks=(pa.Check.ge(0),)
         ),
-        "n_sites": Col("int64", "Evaluation sites (gold and multi with out-of-sample probabilities)."),
+        "n_sites": Col("int64", "Basis sites with out-of-sample probabilities."),
     },
     ("class",),
 )
