@@ -75,6 +75,15 @@ def write_site_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: np.nda
         dst.build_overviews([2, 4], Resampling.average)
 
 
+def _load_batch(version_dir: str, uris: dict[str, str], site_ids: list[str], refs: list[str]) -> list:
+    """The SiteInputs of one batch, read inside its own Dask task so no process holds the whole region."""
+    flt = [("site_id", "in", site_ids)]
+    sites = read_table(Path(version_dir) / uris["sites"], filters=flt)
+    labels = read_table(Path(version_dir) / uris["labels"], filters=flt)
+    assignments = read_table(Path(version_dir) / uris["assignments"], filters=flt)
+    return list(site_inputs(sites, labels, assignments, refs))
+
+
 def _first_pass(batch, params: ConsensusParams) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Quality and vote-pattern counts of one batch, in one task: both use (and then release) the batch's
     per-site caches, so running them as two concurrent tasks on shared objects would race."""
@@ -101,10 +110,13 @@ def run_consensus_stage(catalog: Catalog, version_dir: str | Path) -> ConsensusS
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sites = read_table(version_dir / ds["sites"].uri)
-    labels = read_table(version_dir / ds["labels"].uri)
-    assignments = read_table(version_dir / ds["assignments"].uri)
-    inputs = list(site_inputs(sites, labels, assignments, refs))
-    parts = batches(inputs, batch_size)
+    done = read_table(version_dir / ds["assignments"].uri, columns=["site_id", "status"])
+    labelled = set(done.loc[done["status"] == "completed", "site_id"])
+    site_ids = [s for s in sites["site_id"] if s in labelled]
+    uris = {name: ds[name].uri for name in ("sites", "labels", "assignments")}
+    parts = [
+        dask.delayed(_load_batch)(str(version_dir), uris, ids, refs) for ids in batches(site_ids, batch_size)
+    ]
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

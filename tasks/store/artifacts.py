@@ -74,8 +74,8 @@ def _write_geo(gdf: gpd.GeoDataFrame, path: Path) -> str:
     return file_hash(path)
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a table written by :func:`write_table`.
+def read_table(path: str | Path, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
+    """Read a table written by :func:`write_table` (``filters``: pyarrow row filters, e.g. one batch's sites).
 
     A native-CRS folder comes back as one frame with shapely geometries and a ``crs`` column (rows from
     different CRSs cannot share a GeoSeries); group by ``crs`` to get proper GeoDataFrames.
@@ -84,7 +84,7 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
     if path.is_dir():
         frames = []
         for part in sorted(path.glob("*.parquet")):
-            gdf = gpd.read_parquet(part, columns=columns)
+            gdf = gpd.read_parquet(part, columns=columns, filters=filters)
             df = pd.DataFrame(gdf)
             # Plain shapely objects: a GeometryArray carries its part's CRS, and pandas refuses to
             # concatenate arrays of different CRSs.
@@ -94,8 +94,8 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     meta = pq.read_metadata(path).metadata or {}
     if b"geo" in meta:
-        return gpd.read_parquet(path, columns=columns)
-    return pd.read_parquet(path, columns=columns)
+        return gpd.read_parquet(path, columns=columns, filters=filters)
+    return pd.read_parquet(path, columns=columns, filters=filters)
 
 
 def geo_parts(df: pd.DataFrame) -> dict[str, gpd.GeoDataFrame]:
