@@ -17,6 +17,7 @@ from schemas.catalog import load_catalog
 from tasks.consensus.tasks import consensus_task
 from tasks.ingest.tasks import ingest_task
 from tasks.learn.issues_tasks import label_issues_task
+from tasks.learn.tasks import pseudo_labels_task, train_task
 from tasks.report import build_reports_index
 from tasks.report.tasks import report_task
 from tasks.store.provenance import catalog_record, code_version
@@ -43,9 +44,15 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
             with dask.annotate(resources=stage_resources("cpu")):
                 ingest = ingest_task.submit(catalog_path, out)
                 consensus = consensus_task.submit(catalog_path, out, ingest)
-                issues = label_issues_task.submit(catalog_path, out, consensus)
+            with dask.annotate(resources=stage_resources("gpu")):
+                train = train_task.submit(catalog_path, out, consensus)
+                pseudo = pseudo_labels_task.submit(catalog_path, out, train)
+            with dask.annotate(resources=stage_resources("cpu")):
+                issues = label_issues_task.submit(catalog_path, out, train)
             stages["ingest"] = ingest.result()
             stages["consensus"] = consensus.result()
+            stages["train"] = train.result()
+            stages["pseudo_labels"] = pseudo.result()
             stages["label_issues"] = issues.result()
             for stage in stages.values():
                 draft.artifacts.update(stage["artifacts"])
@@ -59,7 +66,8 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
             }
             prev_dir = str(store.version_path(previous)) if previous else None
             with dask.annotate(resources=stage_resources("cpu")):
-                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=issues)
+                upstream = [issues, pseudo]
+                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=upstream)
             stages["report"] = report.result()
             draft.artifacts.update(stages["report"]["artifacts"])
             timings = {name: sum(s["timings"].values()) for name, s in stages.items()}

@@ -72,5 +72,28 @@ def task_runner(dask_address: str | None = None, n_workers: int | None = None):
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
+def cluster_resources() -> dict[str, float]:
+    """Resources the running flow's Dask workers advertise, summed ({} outside a Dask flow run)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    client = getattr(getattr(ctx, "task_runner", None), "client", None) if ctx else None
+    if client is None:
+        return {}
+    totals: dict[str, float] = {}
+    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+        for k, v in (w.get("resources") or {}).items():
+            totals[k] = totals.get(k, 0) + v
+    return totals
+
+
 def stage_resources(kind: str) -> dict:
-    return dict(cluster_spec()["stage_resources"][kind])
+    """The Dask resources a stage of this kind asks for.
+
+    A GPU stage asks for ``GPU`` only where some worker advertises one; on a CPU-only cluster it takes a
+    CPU slot and torch runs on the CPU (a ``GPU`` request nobody can satisfy would wait forever).
+    """
+    spec = cluster_spec()["stage_resources"]
+    if kind == "gpu" and not cluster_resources().get("GPU"):
+        return dict(spec["cpu"])
+    return dict(spec[kind])

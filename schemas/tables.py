@@ -391,9 +391,7 @@ PSEUDO_LABEL_THRESHOLDS = TableSpec(
         "consensus_recall": Col(float, "Recall at the threshold on consensus (multi) sites.", True),
         "target_precision": Col(float, "The precision asked for.", checks=_UNIT),
         "n_candidates": Col("int64", "Out-of-sample polygons on the basis sites.", checks=(pa.Check.ge(0),)),
-        "n_target_polygons": Col(
-            "int64", "Target polygons on the basis sites.", checks=(pa.Check.ge(0),)
-        ),
+        "n_target_polygons": Col("int64", "Target polygons on the basis sites.", checks=(pa.Check.ge(0),)),
         "n_sites": Col("int64", "Basis sites with out-of-sample probabilities."),
     },
     ("class",),

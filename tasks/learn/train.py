@@ -1,0 +1,186 @@
+"""K-fold training across sites, out-of-sample prediction, and the final model.
+
+Folds are by site (never by pixel: neighbouring pixels of one site would leak), dealt round-robin within
+each role after a seeded shuffle, so every fold gets gold, multi and single sites. Training samples random
+crops with a random dihedral flip/rotation; a site is drawn in proportion to its usable weight, so
+cloud-covered or uncertain sites count for what they carry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.learn.model import (
+    CLASSES,
+    ModelConfig,
+    UNet,
+    pick_device,
+    predict,
+    seed_everything,
+    set_threads,
+    to_channels_last,
+    train,
+)
+from tasks.learn.params import LearnParams
+
+
+@dataclass
+class Example:
+    """One labelled site: normalised pixels (C, H, W), target classes (H, W), pixel weights (H, W)."""
+
+    site_id: str
+    role: str
+    x: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray
+
+
+def assign_folds(site_ids, roles, k: int, seed: int) -> dict[str, int]:
+    """site_id -> fold 0..k-1, deterministic for (ids, roles, k, seed) and independent of row order."""
+    order = sorted(zip(roles, site_ids, strict=True))
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    offset = 0
+    for role in sorted(set(roles)):
+        ids = [s for r, s in order if r == role]
+        for j, i in enumerate(rng.permutation(len(ids))):
+            folds[ids[i]] = (j + offset) % k
+        offset += len(ids)
+    return folds
+
+
+def crop_batches(examples: list[Example], batch: int, crop: int, seed: int):
+    """Endless (x, y, w) batches of random crops; tiles smaller than ``crop`` are padded with weight 0."""
+    rng = np.random.default_rng(seed)
+    mass = np.array([float(e.weight.sum()) for e in examples])
+    p = mass / mass.sum()
+    c = examples[0].x.shape[0]
+    while True:
+        x = np.zeros((batch, c, crop, crop), np.float32)
+        y = np.zeros((batch, crop, crop), np.int64)
+        w = np.zeros((batch, crop, crop), np.float32)
+        for b, i in enumerate(rng.choice(len(examples), size=batch, p=p)):
+            e = examples[i]
+            h, wd = e.target.shape
+            r0 = int(rng.integers(0, max(h - crop, 0) + 1))
+            c0 = int(rng.integers(0, max(wd - crop, 0) + 1))
+            sl = (slice(r0, r0 + crop), slice(c0, c0 + crop))
+            xs, ys, ws = e.x[(slice(None), *sl)], e.target[sl], e.weight[sl]
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            xs, ys, ws = (np.rot90(a, k, axes=(-2, -1)) for a in (xs, ys, ws))
+            if flip:
+                xs, ys, ws = (a[..., ::-1] for a in (xs, ys, ws))
+            hh, ww = ys.shape
+            x[b, :, :hh, :ww], y[b, :hh, :ww], w[b, :hh, :ww] = xs, ys, ws
+        yield x, y, w
+
+
+def class_coverage(examples: list[Example]) -> tuple[dict[str, float], list[str]]:
+    """Weighted training pixels per class, and a note for every class the model never sees.
+
+    A class without pixels still gets a softmax output (driven towards 0); the note tells the reader
+    that its probabilities mean nothing, rather than failing a campaign that, say, has no fields yet.
+    """
+    px = {c: float(sum(((e.target == i) * e.weight).sum() for e in examples)) for i, c in enumerate(CLASSES)}
+    notes = [
+        f"class {c!r} never seen in training: its probabilities are not learnt"
+        for c, v in px.items()
+        if v == 0 and examples
+    ]
+    return px, notes
+
+
+def configure_threads(params: LearnParams) -> int:
+    """Torch CPU threads: the configured number, else the Dask worker's thread count, else every core.
+
+    Sized to the worker because its other slots may be busy (OpenMP threads fighting over cores ran a
+    training step 3-10x slower on a loaded two-core machine), and set explicitly because Dask's nanny
+    exports OMP_NUM_THREADS=1, which a process outside Dask does not have.
+    """
+    n = params.torch_threads
+    if not n:
+        try:
+            from distributed import get_worker
+
+            n = get_worker().state.nthreads
+        except (ImportError, ValueError):
+            n = len(os.sched_getaffinity(0))
+    set_threads(n)
+    return n
+
+
+def fit(examples: list[Example], params: LearnParams, seed: int, device) -> tuple[UNet, dict]:
+    """Train one network from scratch on ``examples``; return it and a training record."""
+    seed_everything(seed)
+    model = UNet(ModelConfig(base_width=params.base_width, depth=params.depth)).to(device)
+    if params.channels_last and device.type == "cuda":
+        model = to_channels_last(model)
+    t0 = time.perf_counter()
+    losses = train(
+        model,
+        crop_batches(examples, params.batch_size, params.crop_px, seed),
+        params.steps,
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        class_weights=params.class_weights,
+        device=device,
+        bf16=params.bf16,
+        channels_last=params.channels_last,
+    )
+    tail = losses[-max(1, len(losses) // 10) :]
+    record = {
+        "steps": len(losses),
+        "seconds": time.perf_counter() - t0,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": float(np.mean(tail)) if losses else float("nan"),
+        "sites": len(examples),
+    }
+    return model, record
+
+
+def predict_sites(model: UNet, xs: list[np.ndarray], valids: list[np.ndarray], params: LearnParams, device):
+    """Probabilities (3, H, W) per tile, NaN where the input is nodata or cloud; equal-size tiles batch."""
+    out: list[np.ndarray | None] = [None] * len(xs)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_shape.setdefault(x.shape, []).append(i)
+    for idx in by_shape.values():
+        prob = predict(
+            model,
+            np.stack([xs[i] for i in idx]),
+            batch_size=params.infer_batch_size,
+            device=device,
+            bf16=params.bf16,
+            channels_last=params.channels_last,
+        )
+        for j, i in enumerate(idx):
+            p = prob[j]
+            p[:, ~valids[i]] = np.nan
+            out[i] = p
+    return out
+
+
+def pixel_metrics(probs: list[np.ndarray], examples: list[Example]) -> dict:
+    """Weight-averaged IoU per class and of field (interior + boundary) of argmax predictions vs targets."""
+    inter = np.zeros(len(CLASSES) + 1)
+    union = np.zeros(len(CLASSES) + 1)
+    for p, e in zip(probs, examples, strict=True):
+        if p is None:
+            continue
+        w = e.weight * np.isfinite(p).all(axis=0)
+        pred = np.nan_to_num(p).argmax(axis=0)
+        pairs = [(pred == c, e.target == c) for c in range(len(CLASSES))] + [(pred > 0, e.target > 0)]
+        for c, (a, b) in enumerate(pairs):
+            inter[c] += float((w * (a & b)).sum())
+            union[c] += float((w * (a | b)).sum())
+    names = [*CLASSES, "field"]
+    return {f"iou_{n}": float(inter[i] / union[i]) if union[i] else float("nan") for i, n in enumerate(names)}
+
+
+def device_for(params: LearnParams) -> tuple:
+    device = pick_device(params.device)
+    return device, params.for_device(device.type == "cuda")
