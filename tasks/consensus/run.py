@@ -15,8 +15,6 @@ import dask
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rasterio
-from rasterio.enums import Resampling
 
 from schemas.catalog import Catalog
 from tasks.consensus.items import item_consensus
@@ -33,6 +31,7 @@ from tasks.consensus.stage import (
 )
 from tasks.store.artifacts import bytes_hash, file_hash, read_table, write_table
 from tasks.store.grid import SiteGrid
+from tasks.store.rasters import write_site_raster
 
 RASTER_BANDS = ("probability", "risk")
 
@@ -52,27 +51,8 @@ def params_from_catalog(catalog: Catalog) -> ConsensusParams:
     return ConsensusParams(**overrides)
 
 
-def write_site_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: np.ndarray) -> None:
-    """A 2-band float32 COG-style GeoTIFF (probability, risk) on the site's grid; NaN = outside footprint."""
-    profile = {
-        "driver": "GTiff",
-        "width": grid.width,
-        "height": grid.height,
-        "count": 2,
-        "dtype": "float32",
-        "crs": grid.crs,
-        "transform": grid.affine,
-        "nodata": float("nan"),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "predictor": 3,
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(np.stack([prob, risk]).astype(np.float32))
-        dst.descriptions = RASTER_BANDS
-        dst.build_overviews([2, 4], Resampling.average)
+def write_consensus_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: np.ndarray) -> None:
+    write_site_raster(path, grid, np.stack([prob, risk]), RASTER_BANDS)
 
 
 def _load_batch(version_dir: str, uris: dict[str, str], site_ids: list[str], refs: list[str]) -> list:
@@ -96,7 +76,7 @@ def _consensus_and_write(batch, model, lq, params, raster_dir: str) -> tuple[pd.
     grids = {s.site_id: s.grid for s in batch}
     res = consensus_batch(batch, model, lq, params)
     for site_id, (prob, risk) in res.rasters.items():
-        write_site_raster(Path(raster_dir) / f"{site_id}.tif", grids[site_id], prob, risk)
+        write_consensus_raster(Path(raster_dir) / f"{site_id}.tif", grids[site_id], prob, risk)
     return res.site_consensus, res.consensus_labels
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import rasterio
-from rasterio.enums import Resampling
 
 from schemas.catalog import Catalog
 from tasks.learn.data import (
@@ -45,6 +44,7 @@ from tasks.learn.train import (
 )
 from tasks.store.artifacts import bytes_hash, file_hash, read_table
 from tasks.store.grid import SiteGrid
+from tasks.store.rasters import write_site_raster
 
 DRAFT_PREFIX = ".draft-"
 CHECKPOINT = "model.pt"
@@ -62,25 +62,7 @@ class LearnStageResult:
 
 def write_prob_raster(path: Path, grid: SiteGrid, prob: np.ndarray) -> None:
     """3-band float32 GeoTIFF (background, interior, boundary) on the site grid; NaN = no valid input."""
-    profile = {
-        "driver": "GTiff",
-        "width": grid.width,
-        "height": grid.height,
-        "count": len(CLASSES),
-        "dtype": "float32",
-        "crs": grid.crs,
-        "transform": grid.affine,
-        "nodata": float("nan"),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "predictor": 3,
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(prob.astype(np.float32))
-        dst.descriptions = CLASSES
-        dst.build_overviews([2, 4], Resampling.average)
+    write_site_raster(path, grid, prob, CLASSES)
 
 
 def read_prob_raster(path: Path) -> np.ndarray:
