@@ -8,7 +8,7 @@ itself, so the caller never holds more than a batch of pixels.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -32,16 +32,14 @@ from tasks.consensus.stage import (
 from tasks.store.artifacts import bytes_hash, file_hash, read_table, write_table
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
+from tasks.store.stage_result import StageResult
 
 RASTER_BANDS = ("probability", "risk")
 
 
 @dataclass
-class ConsensusStageResult:
-    artifacts: dict[str, dict]
-    timings: dict[str, float]
-    counts: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class ConsensusStageResult(StageResult):
+    """Artifact records of the consensus stage."""
 
 
 def params_from_catalog(catalog: Catalog) -> ConsensusParams:

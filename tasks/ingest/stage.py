@@ -28,15 +28,14 @@ from tasks.ingest.labels import (
 from tasks.ingest.readers import read_table_file, read_vector
 from tasks.store.artifacts import file_hash, write_table
 from tasks.store.errors import InputError
+from tasks.store.stage_result import StageResult
 
 
 @dataclass
-class IngestResult:
-    artifacts: dict[str, dict]
-    inputs: list[dict]
-    timings: dict[str, float]
-    notes: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+class IngestResult(StageResult):
+    """Artifact records of the ingest stage, plus every input file's hash for the manifest."""
+
+    inputs: list[dict] = field(default_factory=list)
 
 
 def _input_record(name: str, path: str) -> dict:
@@ -159,7 +158,7 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
         ),
         "item_labels": len(item_labels),
     }
-    return IngestResult(artifacts, inputs, timings, notes, counts)
+    return IngestResult(artifacts=artifacts, timings=timings, counts=counts, notes=notes, inputs=inputs)
 
 
 def _all_tile_stats(pairs, scenes: dict[str, Scene], cloud_threshold, batch_size, progress) -> pd.DataFrame:

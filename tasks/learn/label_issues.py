@@ -36,6 +36,7 @@ from tasks.learn.pixel_issues import (
 from tasks.store.artifacts import read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
+from tasks.store.stage_result import StageResult
 
 OOS_URI = "oos_probabilities"
 ISSUE_COLUMNS = [
@@ -77,11 +78,8 @@ class LabelIssuesResult:
 
 
 @dataclass
-class LabelIssuesStageResult:
-    artifacts: dict[str, dict]
-    timings: dict[str, float]
-    counts: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class LabelIssuesStageResult(StageResult):
+    """Artifact records of the label_issues stage."""
 
 
 def params_from_catalog(catalog: Catalog) -> IssueParams:

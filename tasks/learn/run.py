@@ -45,6 +45,7 @@ from tasks.learn.train import (
 from tasks.store.artifacts import bytes_hash, file_hash, read_table
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
+from tasks.store.stage_result import StageResult
 
 DRAFT_PREFIX = ".draft-"
 CHECKPOINT = "model.pt"
@@ -52,11 +53,9 @@ CARD = "model_card.json"
 
 
 @dataclass
-class LearnStageResult:
-    artifacts: dict[str, dict]
-    timings: dict[str, float]
-    counts: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class LearnStageResult(StageResult):
+    """Artifact records of the train / pseudo_labels stages, plus where the model ran."""
+
     placement: dict = field(default_factory=dict)
 
 

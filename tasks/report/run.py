@@ -40,6 +40,7 @@ from tasks.report.properties import properties_section
 from tasks.report.thumbs import field_probability, read_band, site_panels
 from tasks.store.artifacts import bytes_hash, file_hash
 from tasks.store.grid import SiteGrid
+from tasks.store.stage_result import StageResult
 from tasks.store.versions import DRAFT_PREFIX, MANIFEST
 
 SCHEMA_VERSION = 1
@@ -59,11 +60,7 @@ BUILDERS = {
 
 
 @dataclass
-class ReportStageResult:
-    artifacts: dict[str, dict]
-    timings: dict[str, float]
-    counts: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+class ReportStageResult(StageResult):
     report: str = ""
     headline: dict = field(default_factory=dict)
     alerts: list[dict] = field(default_factory=list)
