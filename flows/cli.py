@@ -41,13 +41,27 @@ def _load(catalog: Path):
     return cat
 
 
-def _refresh(catalog: Path, dask_address: str | None, workers: int | None, wait: float) -> dict:
+def _refresh(
+    catalog: Path,
+    dask_address: str | None,
+    workers: int | None,
+    wait: float,
+    reuse: bool = True,
+    refit: bool = True,
+) -> dict:
     cat = _load(catalog)
     from flows.refresh import run_refresh
 
     try:
         with console.status(f"refreshing [bold]{cat.name}[/] (ingest on Dask)…"):
-            return run_refresh(str(catalog), dask_address=dask_address, n_workers=workers, lock_wait_s=wait)
+            return run_refresh(
+                str(catalog),
+                dask_address=dask_address,
+                n_workers=workers,
+                lock_wait_s=wait,
+                reuse=reuse,
+                refit=refit,
+            )
     except USER_ERRORS as exc:
         _fail(exc)
 
@@ -107,9 +121,13 @@ def refresh(
         None, help="Workers of the local cluster (default from infra/dask_local.yaml)."
     ),
     wait: float = typer.Option(0.0, help="Seconds to wait for another refresh on the same root to finish."),
+    full: bool = typer.Option(False, help="Recompute every site instead of reusing unchanged results."),
+    refit: bool = typer.Option(
+        True, help="Refit labeller skills, the model and thresholds (--no-refit carries them)."
+    ),
 ) -> None:
     """Run every stage on the catalog's inputs and publish a new version."""
-    result = _refresh(catalog, dask_address, workers, wait)
+    result = _refresh(catalog, dask_address, workers, wait, reuse=not full, refit=refit)
     _print_published(result, Path(result["path"]).parents[1])
 
 
@@ -177,8 +195,10 @@ def versions(catalog: Path = CatalogOpt, as_json: bool = typer.Option(False, "--
 
 
 def _register_standalone() -> None:
+    from flows.cli_operations import register
     from flows.standalone import find_label_issues, item_consensus
 
+    register(app)
     app.command("item-consensus")(item_consensus)
     app.command("find-label-issues")(find_label_issues)
     from flows.serve import serve

@@ -21,12 +21,18 @@ from tasks.learn.tasks import pseudo_labels_task, train_task
 from tasks.report import build_reports_index
 from tasks.report.tasks import report_task
 from tasks.store.provenance import catalog_record, code_version
+from tasks.store.reuse import Reuse
 from tasks.store.versions import VersionStore
 
 
 @flow(name="refresh", log_prints=False, retries=0)
-def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
-    """Build a new version from the catalog's inputs and publish it; earlier versions are never touched."""
+def refresh(catalog_path: str, lock_wait_s: float = 0.0, reuse: bool = True, refit: bool = True) -> dict:
+    """Build a new version from the catalog's inputs and publish it; earlier versions are never touched.
+
+    ``reuse``: take over per-site results of the latest version whose input keys are unchanged (False: a
+    full refresh recomputes everything). ``refit``: refit global parameters (labeller skills, the model,
+    thresholds) exactly; False carries them within their tolerances, as label-triggered reprocessing does.
+    """
     logger = get_run_logger()
     t_flow = time.perf_counter()
     catalog_path = str(Path(catalog_path).resolve())
@@ -39,16 +45,18 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
         previous = store.latest_id()
         draft = store.new_draft()
         out = str(draft.path)
+        prev_dir = str(store.version_path(previous)) if previous else None
+        plan = Reuse(previous_dir=prev_dir, enabled=reuse, refit=refit)
         stages: dict[str, dict] = {}
         try:
             with dask.annotate(resources=stage_resources("cpu")):
-                ingest = ingest_task.submit(catalog_path, out)
-                consensus = consensus_task.submit(catalog_path, out, ingest)
+                ingest = ingest_task.submit(catalog_path, out, reuse=plan)
+                consensus = consensus_task.submit(catalog_path, out, ingest, reuse=plan)
             with dask.annotate(resources=stage_resources("gpu")):
-                train = train_task.submit(catalog_path, out, consensus)
-                pseudo = pseudo_labels_task.submit(catalog_path, out, train)
+                train = train_task.submit(catalog_path, out, consensus, reuse=plan)
+                pseudo = pseudo_labels_task.submit(catalog_path, out, train, reuse=plan)
             with dask.annotate(resources=stage_resources("cpu")):
-                issues = label_issues_task.submit(catalog_path, out, train)
+                issues = label_issues_task.submit(catalog_path, out, train, reuse=plan)
             stages["ingest"] = ingest.result()
             stages["consensus"] = consensus.result()
             stages["train"] = train.result()
@@ -64,7 +72,6 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
                 "parameters": catalog.settings.model_dump(mode="json"),
                 "stage_timings": {name: s["timings"] for name, s in stages.items()},
             }
-            prev_dir = str(store.version_path(previous)) if previous else None
             with dask.annotate(resources=stage_resources("cpu")):
                 upstream = [issues, pseudo]
                 report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=upstream)
@@ -82,6 +89,8 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
                 "notes": [n for s in stages.values() for n in s.get("notes", [])],
                 "stage_timings": {name: s["timings"] for name, s in stages.items()},
                 "stage_seconds": timings,
+                "reuse": {"previous_version": previous, "enabled": reuse, "refit": refit},
+                "placement": {name: s.get("placement", {}).get("worker") for name, s in stages.items()},
                 "flow_seconds_before_publish": time.perf_counter() - t_flow,
             }
             final = store.publish(draft, manifest)
@@ -99,11 +108,18 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0) -> dict:
 
 
 def run_refresh(
-    catalog_path: str, dask_address: str | None = None, n_workers: int | None = None, lock_wait_s: float = 0.0
+    catalog_path: str,
+    dask_address: str | None = None,
+    n_workers: int | None = None,
+    lock_wait_s: float = 0.0,
+    reuse: bool = True,
+    refit: bool = True,
 ) -> dict:
     """Run ``refresh`` on a Dask cluster with a Prefect API the workers can reach."""
     from flows.runtime import prefect_api, task_runner
 
     with prefect_api():
         runner = task_runner(dask_address, n_workers)
-        return refresh.with_options(task_runner=runner)(catalog_path, lock_wait_s=lock_wait_s)
+        return refresh.with_options(task_runner=runner)(
+            catalog_path, lock_wait_s=lock_wait_s, reuse=reuse, refit=refit
+        )

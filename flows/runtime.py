@@ -81,7 +81,10 @@ def cluster_resources() -> dict[str, float]:
     if client is None:
         return {}
     totals: dict[str, float] = {}
-    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+    # ask the scheduler directly: Client.scheduler_info() returns a cache that the client's periodic
+    # refresh can overwrite with a copy without per-worker information
+    info = client.sync(client.scheduler.identity, n_workers=-1)
+    for w in info["workers"].values():
         for k, v in (w.get("resources") or {}).items():
             totals[k] = totals.get(k, 0) + v
     return totals

@@ -81,6 +81,42 @@ class IngestSettings(_Strict):
     )
 
 
+class ScheduleSettings(_Strict):
+    """When the pipeline runs by itself (``labelrefinery deploy``) and how the label watcher behaves."""
+
+    cron: str = Field("0 2 * * *", description="Nightly refresh, five-field cron.")
+    timezone: str = Field("UTC", description="IANA time zone of the cron, e.g. Africa/Nairobi.")
+    watch_interval_s: float = Field(60.0, gt=0, description="How often the label watcher compares inputs.")
+    quiet_s: float = Field(
+        30.0, ge=0, description="Debounce: announce a change only after the label files were still this long."
+    )
+    debounce_s: float = Field(
+        60.0, ge=0, description="The reprocess trigger fires once per this window, however many events."
+    )
+    renotify_s: float = Field(
+        600.0, gt=0, description="Announce a change set that is still unpublished again after this long."
+    )
+    lock_wait_s: float = Field(3600.0, ge=0, description="How long a scheduled run waits for a running one.")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"cron {v!r} must have five fields (minute hour day month weekday)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
 class Settings(_Strict):
     reference_labellers: list[str] = Field(min_length=0, default_factory=list)
     label_classes: list[str] = Field(
@@ -91,7 +127,7 @@ class Settings(_Strict):
     consensus: dict[str, Any] = Field(default_factory=dict, description="ConsensusParams overrides.")
     learn: dict[str, Any] = Field(default_factory=dict)
     report: dict[str, Any] = Field(default_factory=dict)
-    schedule: dict[str, Any] = Field(default_factory=dict)
+    schedule: ScheduleSettings = ScheduleSettings()
 
 
 class Catalog(_Strict):

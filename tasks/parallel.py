@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
+import dask
 from distributed import get_worker, worker_client
+from distributed.worker import thread_state
 
 
 @contextmanager
@@ -15,12 +17,17 @@ def cluster_scheduler() -> Iterator[object | None]:
     On a Dask worker this is a ``worker_client``, which secedes the waiting task from the worker's thread
     pool: with one thread per worker (the GPU worker's setting) a plain ``Client`` — what
     ``prefect_dask.get_dask_client`` opens — deadlocks when the scheduler queues the inner tasks behind
-    the task that waits for them. Outside a worker nothing changes (Dask's local threads).
+    the task that waits for them. The inner tasks ask for the resources of the task that submits them
+    (Dask does not pass restrictions on by itself), so a CPU stage's fan-out stays on CPU workers.
+    Outside a worker nothing changes (Dask's local threads).
     """
     try:
-        get_worker()
+        worker = get_worker()
     except ValueError:
         yield None
         return
-    with worker_client() as client:
+    ts = worker.state.tasks.get(getattr(thread_state, "key", None))
+    restrictions = dict(ts.resource_restrictions or {}) if ts is not None else {}
+    annotate = dask.annotate(resources=restrictions) if restrictions else nullcontext()
+    with worker_client() as client, annotate:
         yield client

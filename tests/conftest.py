@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.topology import topology  # noqa: F401 (session fixture: prefect server + dask scheduler + workers)
+
 REPO = Path(__file__).resolve().parents[1]
 REPO_CATALOG = REPO / "data_catalog.yaml"
 DEMO_SITES_PER_SIDE = 3

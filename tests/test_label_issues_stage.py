@@ -267,7 +267,11 @@ def demo(tmp_path_factory):
 
 def test_stage_writes_valid_ranked_tables(demo):
     res, vdir = demo["result"], demo["vdir"]
-    assert set(res.artifacts) == {"label_issues", "assignment_issues"} and res.notes == []
+    assert (
+        set(res.artifacts)
+        == {"label_issues", "assignment_issues", "label_issue_stats", "reuse_keys/label_issues"}
+        and res.notes == []
+    )
     li = read_table(vdir / "label_issues")
     ai = read_table(vdir / "assignment_issues.parquet")
     for part in geo_parts(li).values():

@@ -85,7 +85,8 @@ def test_train_stage_writes_oos_for_every_labelled_site_and_a_model_card(staged)
     assert len(card["normalisation"]["mean"]) == 4 and card["bands"] == ["B", "G", "R", "NIR"]
     assert 0 <= card["metrics"]["out_of_sample_pixel"]["iou_field"] <= 1
     assert len(card["training"]["folds"]) == 3 and card["training"]["final"]["steps"] == TINY["steps"]
-    assert set(train.artifacts) == {"oos_probabilities", "model"} and train.placement["device"] == "cpu"
+    assert set(train.artifacts) == {"oos_probabilities", "model", "reuse_keys/train"}
+    assert train.placement["device"] == "cpu"
 
 
 def test_pseudo_label_tables_validate_and_keep_by_threshold(staged):

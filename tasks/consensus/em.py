@@ -22,7 +22,7 @@ unclassed); gold class pixels clamped.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -172,6 +172,37 @@ class EMModel:
             }
         )
 
+    def to_dict(self) -> dict:
+        """JSON-ready fields; floats survive a JSON round trip exactly (``repr`` is shortest-exact)."""
+        out: dict = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EMModel:
+        """Inverse of :meth:`to_dict` (same dtypes as a fitted model)."""
+        kw = dict(d)
+        for name in ("labeller_ids", "class_names"):
+            kw[name] = tuple(str(x) for x in kw.get(name, ()))
+        for name, dt in _ARRAY_FIELDS.items():
+            if kw.get(name) is not None:
+                kw[name] = np.asarray(kw[name], dtype=dt)
+        J, Z = len(kw["labeller_ids"]), len(kw["prior_zone"])
+        kw["sens_zone"] = kw["sens_zone"].reshape(J, Z)
+        kw["spec_zone"] = kw["spec_zone"].reshape(J, Z)
+        if kw.get("class_conf") is not None:
+            C = len(kw["class_prior"])
+            kw["class_conf"] = kw["class_conf"].reshape(J, C, C + 2)
+        return cls(**kw)
+
     def _skills(self, voters: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n_voters, Z) skills; labellers unseen in the fit get the per-zone mean of fitted labellers."""
         idx = {v: i for i, v in enumerate(self.labeller_ids)}
@@ -206,6 +237,21 @@ class EMModel:
             conf = self.class_conf[idx[v]] if v in idx else mean_conf
             logp += np.log(conf[:, votes[:, j]]).T
         return np.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+
+
+_ARRAY_FIELDS = {
+    "sens": np.float64,
+    "spec": np.float64,
+    "iou": np.float64,
+    "sens_zone": np.float64,
+    "spec_zone": np.float64,
+    "prior_zone": np.float64,
+    "inversion_allowed": bool,
+    "n_pixels": np.int64,
+    "n_gold_pixels": np.int64,
+    "class_prior": np.float64,
+    "class_conf": np.float64,
+}
 
 
 def fit_em(counts: pd.DataFrame, lq: pd.DataFrame | None, params: ConsensusParams) -> EMModel:

@@ -11,6 +11,7 @@ denominator is 0 (every voter has Q*skill = 0) gets H = 0.5, i.e. maximal risk: 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -26,10 +27,16 @@ def _population(lq: pd.DataFrame | None, col: str, fallback: float) -> float:
     return float(vals.mean()) if len(vals) else fallback
 
 
-def merge_weights(
-    voters: Sequence[str], lq: pd.DataFrame | None, params: ConsensusParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(Q, FS, NFS) per voter, defaults applied for labellers without gold."""
+@dataclass(frozen=True)
+class BayesWeights:
+    """What the merge reads from ``labeller_quality``: (Q, FS, NFS) per labeller with gold (raw, may be
+    NaN) and the defaults for everyone else. Small and explicit, so a reprocess can carry it over."""
+
+    table: dict[str, tuple[float, float, float]]
+    defaults: tuple[float, float, float]
+
+
+def bayes_weights(lq: pd.DataFrame | None, params: ConsensusParams) -> BayesWeights:
     q_col = f"{params.trust_measure}_mean"
     q_def = params.default_quality
     if q_def is None:
@@ -41,10 +48,24 @@ def merge_weights(
         has = lq[lq["n_gold"] > 0]
         for r in has.itertuples(index=False):
             d = r._asdict()
-            table[str(d["labeller_id"])] = (d[q_col], d["field_skill_pooled"], d["nofield_skill_pooled"])
+            table[str(d["labeller_id"])] = (
+                float(d[q_col]),
+                float(d["field_skill_pooled"]),
+                float(d["nofield_skill_pooled"]),
+            )
+    return BayesWeights(table, (float(q_def), float(fs_def), float(nfs_def)))
+
+
+def merge_weights(
+    voters: Sequence[str], lq: pd.DataFrame | BayesWeights | None, params: ConsensusParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Q, FS, NFS) per voter, defaults applied for labellers without gold (``lq``: the table, or the
+    weights already taken from it)."""
+    w = lq if isinstance(lq, BayesWeights) else bayes_weights(lq, params)
+    q_def, fs_def, nfs_def = w.defaults
     q, fs, nfs = [], [], []
     for v in voters:
-        qq, ff, nn = table.get(v, (q_def, fs_def, nfs_def))
+        qq, ff, nn = w.table.get(v, w.defaults)
         q.append(qq if np.isfinite(qq) else q_def)
         fs.append(ff if np.isfinite(ff) else fs_def)
         nfs.append(nn if np.isfinite(nn) else nfs_def)

@@ -70,6 +70,21 @@ class ConsensusParams(BaseModel):
     )
     fallback_nofield_skill: float = Field(0.9, gt=0, lt=1, description="NFS / specificity ditto.")
 
+    # --- incremental reprocessing ------------------------------------------------------------------------
+    # Every site's consensus uses the global per-labeller values (EM skills and class confusions, or the
+    # Bayesian merge weights), so refitting them exactly after a single relabelled site would nudge every
+    # labeller's values a little and rewrite every site. A reprocess (``Reuse.refit = False``) therefore
+    # keeps a labeller's previous values unless the refit moved one of them by more than this; a change
+    # that matters (e.g. new gold showing a labeller is worse) still propagates to all their sites, and
+    # the nightly refresh refits exactly. Not part of any site's key: it decides which values are used,
+    # and the values used are keyed.
+    carry_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="Reprocess: keep a labeller's previous EM skills / merge weights (and the priors) "
+        "when the refit moved each by at most this (absolute; 0 = take every change).",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> ConsensusParams:
         if len(self.class_names) > 8:

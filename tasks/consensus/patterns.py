@@ -155,6 +155,36 @@ def counts_frame(items: Sequence[tuple[Sequence[str], SitePatterns]]) -> pd.Data
     return sum_counts([df])
 
 
+SITE_COUNT_COLUMNS = ["site_id", *PATTERN_COLUMNS]
+
+
+def site_counts_frame(items: Sequence[tuple[str, Sequence[str], SitePatterns]]) -> pd.DataFrame:
+    """Counts rows per site (``site_id`` first), sorted by (site_id, votes, zone, gold): the persisted
+    form, so a later version can re-sum unchanged sites' counts without recomputing them."""
+    if not items:
+        return empty_site_counts()
+    df = pd.DataFrame(
+        {
+            "site_id": np.concatenate([np.full(len(p.count), str(s), dtype=object) for s, _, p in items]),
+            "voters": np.concatenate([np.full(len(p.count), SEP.join(v), dtype=object) for _, v, p in items]),
+            "votes": np.asarray([x for _, _, p in items for x in votes_to_strings(p.votes)], dtype=object),
+            "zone": np.concatenate([p.zone for _, _, p in items]).astype(np.int64),
+            "gold": np.concatenate([p.gold for _, _, p in items]).astype(np.int64),
+            "count": np.concatenate([p.count for _, _, p in items]).astype(np.int64),
+        },
+        columns=SITE_COUNT_COLUMNS,
+    )
+    # site_patterns rows are unique per (votes, zone, gold) within a site: sorting fixes the order.
+    out = df.sort_values(["site_id", "votes", "zone", "gold"], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def empty_site_counts() -> pd.DataFrame:
+    out = empty_counts()
+    out.insert(0, "site_id", pd.Series(dtype=object))
+    return out
+
+
 def sum_counts(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate and sum counts tables (associative: batches can be reduced in any order)."""
     frames = [f for f in frames if f is not None and len(f)]

@@ -14,7 +14,7 @@ import pandas as pd
 
 from tasks.consensus.agreement import site_agreement
 from tasks.consensus.em import EMModel
-from tasks.consensus.merge import bayes_classes, bayes_merge, merge_weights
+from tasks.consensus.merge import BayesWeights, bayes_classes, bayes_merge, merge_weights
 from tasks.consensus.params import ConsensusParams
 from tasks.consensus.patterns import SitePatterns, edge_zone, site_patterns
 from tasks.consensus.rasterise import labeller_mask, site_footprint_mask
@@ -104,7 +104,7 @@ def _classes_from_votes(votes: np.ndarray, params: ConsensusParams) -> np.ndarra
 
 
 def _bayes_posterior(
-    sv: SiteVotes, lq: pd.DataFrame | None, params: ConsensusParams
+    sv: SiteVotes, lq: pd.DataFrame | BayesWeights | None, params: ConsensusParams
 ) -> tuple[np.ndarray, np.ndarray]:
     q, fs, nfs = merge_weights(sv.voters, lq, params)
     return bayes_merge(sv.codes > 0, q, fs, nfs), bayes_classes(sv.codes, q, fs, params)
@@ -120,7 +120,7 @@ class SiteConsensus:
 
 
 def consensus_site(
-    site: SiteInput, model: EMModel | None, lq: pd.DataFrame | None, params: ConsensusParams
+    site: SiteInput, model: EMModel | None, lq: pd.DataFrame | BayesWeights | None, params: ConsensusParams
 ) -> SiteConsensus | None:
     sv = site_votes(site, params)
     if sv is None:

@@ -7,6 +7,8 @@ itself, so the caller never holds more than a batch of pixels.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +17,39 @@ import dask
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from schemas.catalog import Catalog
+from tasks.consensus.em import EMModel
+from tasks.consensus.incremental import (
+    INPUTS_STAGE,
+    STAGE,
+    ConsensusModel,
+    carry_model,
+    consensus_keys,
+    fitted_model,
+    site_input_keys,
+)
 from tasks.consensus.items import item_consensus
+from tasks.consensus.merge import BayesWeights
 from tasks.consensus.params import ConsensusParams
-from tasks.consensus.patterns import sum_counts
+from tasks.consensus.patterns import PATTERN_COLUMNS, empty_site_counts, sum_counts
+from tasks.consensus.posterior import SITE_CONSENSUS_COLUMNS
 from tasks.consensus.stage import (
+    CONSENSUS_LABEL_COLUMNS,
     batches,
     consensus_batch,
     fit_pooled_em,
     labeller_quality,
-    pattern_counts_batch,
     quality_batch,
     site_inputs,
+    site_pattern_counts,
+    site_voters,
 )
 from tasks.store.artifacts import bytes_hash, file_hash, read_table, write_table
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
+from tasks.store.reuse import Reuse, content_key, link_or_copy, previous_rows, reuse_counts, write_keys
 from tasks.store.stage_result import StageResult
 
 RASTER_BANDS = ("probability", "risk")
@@ -53,110 +71,325 @@ def write_consensus_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: n
     write_site_raster(path, grid, np.stack([prob, risk]), RASTER_BANDS)
 
 
-def _load_batch(version_dir: str, uris: dict[str, str], site_ids: list[str], refs: list[str]) -> list:
-    """The SiteInputs of one batch, read inside its own Dask task so no process holds the whole region."""
+def _load_tables(version_dir: str, uris: dict[str, str], site_ids: list[str]):
+    """The ingest tables of one batch (Parquet filters), read inside its own Dask task so no process holds
+    the whole region."""
     flt = [("site_id", "in", site_ids)]
     sites = read_table(Path(version_dir) / uris["sites"], filters=flt)
     labels = read_table(Path(version_dir) / uris["labels"], filters=flt)
     assignments = read_table(Path(version_dir) / uris["assignments"], filters=flt)
-    return list(site_inputs(sites, labels, assignments, refs))
+    return sites, labels, assignments
 
 
-def _first_pass(batch, params: ConsensusParams) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def _load_batch(version_dir: str, uris: dict[str, str], site_ids: list[str], refs: list[str]) -> list:
+    """The SiteInputs of one batch."""
+    return list(site_inputs(*_load_tables(version_dir, uris, site_ids), refs))
+
+
+@dataclass
+class _FirstPass:
+    """Pass 1 of one batch: input keys and voters of every site; quality rows and per-site pattern counts,
+    computed for changed sites and taken from the previous version for the others."""
+
+    keys: dict[str, str]
+    voters: dict[str, tuple[str, ...]]
+    reused: list[str]
+    aq: pd.DataFrame
+    counts: pd.DataFrame
+
+
+def _first_pass(
+    version_dir: str,
+    uris: dict[str, str],
+    site_ids: list[str],
+    refs: list[str],
+    params: ConsensusParams,
+    previous_keys: dict[str, str],
+    previous_dir: str | None,
+) -> _FirstPass:
     """Quality and vote-pattern counts of one batch, in one task: both use (and then release) the batch's
-    per-site caches, so running them as two concurrent tasks on shared objects would race."""
-    aq = quality_batch(batch, params)
-    counts = pattern_counts_batch(batch, params) if params.method == "em" else None
-    return aq, counts
+    per-site caches, so running them as two concurrent tasks on shared objects would race.
+
+    ``previous_keys``: input keys of the batch's sites in ``previous_dir`` (empty: recompute all)."""
+    sites, labels, assignments = _load_tables(version_dir, uris, site_ids)
+    keys = site_input_keys(sites, labels, assignments, refs, params, site_ids)
+    voters = site_voters(assignments, refs)
+    voters = {s: voters.get(s, ()) for s in keys}
+    reused = sorted(s for s, k in keys.items() if previous_keys.get(s) == k)
+    changed = sites[~sites["site_id"].astype(str).isin(reused)]
+    todo = list(site_inputs(changed, labels, assignments, refs))
+    del labels
+    aq = [quality_batch(todo, params)]
+    counts = [site_pattern_counts(todo, params)] if params.method == "em" else []
+    if reused and previous_dir is not None:
+        prev = Reuse(previous_dir)
+        aq.append(previous_rows(prev, uris["assignment_quality"], reused))
+        if params.method == "em":
+            counts.append(previous_rows(prev, uris["consensus_pattern_counts"], reused))
+    return _FirstPass(keys, voters, reused, _concat(aq), _concat(counts))
 
 
-def _consensus_and_write(batch, model, lq, params, raster_dir: str) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
-    grids = {s.site_id: s.grid for s in batch}
-    res = consensus_batch(batch, model, lq, params)
-    for site_id, (prob, risk) in res.rasters.items():
-        write_consensus_raster(Path(raster_dir) / f"{site_id}.tif", grids[site_id], prob, risk)
-    return res.site_consensus, res.consensus_labels
+def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame | None:
+    frames = [f for f in frames if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def run_consensus_stage(catalog: Catalog, version_dir: str | Path) -> ConsensusStageResult:
-    """Read the ingest artifacts from ``version_dir`` and write the consensus artifacts next to them."""
-    version_dir = Path(version_dir)
+def _consensus_chunk(
+    version_dir: str,
+    uris: dict[str, str],
+    index: int,
+    site_ids: list[str],
+    todo: list[str],
+    chunk_key: str,
+    refs: list[str],
+    model,
+    params: ConsensusParams,
+    previous_dir: str | None,
+    previous_sites: pd.DataFrame | None,
+) -> tuple[pd.DataFrame | None, list[tuple[str, str, int]]]:
+    """Pass 2 of one chunk of sites: consensus of the ``todo`` sites (rasters written here), the others'
+    rows and rasters taken from ``previous_dir``; writes the chunk's consensus_labels parts.
+
+    Returns (site_consensus rows, [(part file name, hash, rows)])."""
+    vdir = Path(version_dir)
+    raster_dir, labels_dir = vdir / uris["consensus_rasters"], vdir / uris["consensus_labels"]
+    site_rows, poly_rows = [], []
+    if todo:
+        batch = _load_batch(version_dir, uris, todo, refs)
+        grids = {s.site_id: s.grid for s in batch}
+        em = model if isinstance(model, EMModel) else None
+        res = consensus_batch(batch, em, model if isinstance(model, BayesWeights) else None, params)
+        for site_id, (prob, risk) in res.rasters.items():
+            write_consensus_raster(raster_dir / f"{site_id}.tif", grids[site_id], prob, risk)
+        site_rows.append(res.site_consensus)
+        poly_rows.append(_plain(res.consensus_labels))
+    reused = [s for s in site_ids if s not in set(todo)]
+    tag = f"{index:05d}-{chunk_key[:16]}"
+    if reused and previous_dir is not None:
+        prev = Path(previous_dir)
+        if previous_sites is not None and len(previous_sites):
+            site_rows.append(previous_sites)
+            for sid in previous_sites["site_id"]:
+                link_or_copy(prev / uris["consensus_rasters"] / f"{sid}.tif", raster_dir / f"{sid}.tif")
+        same = sorted((prev / uris["consensus_labels"]).glob(f"part-*-{tag}.parquet"))
+        if not todo and same:  # the previous version wrote this very chunk: share its parts
+            parts = []
+            for part in same:
+                link_or_copy(part, labels_dir / part.name)
+                parts.append((part.name, file_hash(part), pq.ParquetFile(part).metadata.num_rows))
+            return _concat(site_rows), parts
+        poly_rows.append(_plain(previous_rows(Reuse(previous_dir), uris["consensus_labels"], reused)))
+    polys = _concat(poly_rows)
+    if polys is None:
+        return _concat(site_rows), []
+    polys = polys.sort_values("polygon_id", kind="stable").reset_index(drop=True)
+    parts = []
+    tmp = labels_dir / f".chunk-{tag}"
+    write_table("consensus_labels", polys, tmp)
+    for part in sorted(tmp.glob("*.parquet")):
+        name = f"{part.name.removesuffix('.parquet')}-{tag}.parquet"
+        os.replace(part, labels_dir / name)
+        rows = pq.ParquetFile(labels_dir / name).metadata.num_rows
+        parts.append((name, file_hash(labels_dir / name), rows))
+    tmp.rmdir()
+    return _concat(site_rows), parts
+
+
+def _uris(catalog: Catalog) -> dict[str, str]:
     ds = catalog.datasets
+    return {name: ds[name].uri if name in ds else default for name, default in _URIS.items()}
+
+
+_URIS = {
+    "sites": "sites.parquet",
+    "labels": "labels",
+    "assignments": "assignments.parquet",
+    "item_labels": "item_labels.parquet",
+    "assignment_quality": "assignment_quality.parquet",
+    "labeller_quality": "labeller_quality.parquet",
+    "site_consensus": "site_consensus.parquet",
+    "consensus_labels": "consensus_labels",
+    "consensus_rasters": "consensus_rasters",
+    "item_consensus": "item_consensus.parquet",
+    "item_labeller_quality": "item_labeller_quality.parquet",
+    "item_confusion": "item_confusion.parquet",
+    "consensus_pattern_counts": "consensus_pattern_counts.parquet",
+    "consensus_model": "consensus_model.json",
+}
+
+
+def read_consensus_model(version_dir: str | Path | None, uri: str = _URIS["consensus_model"]):
+    """The model a version's consensus used (None when it has none this code can read)."""
+    if version_dir is None:
+        return None
+    path = Path(version_dir) / uri
+    if not path.exists():
+        return None
+    return ConsensusModel.from_json(path.read_text(encoding="utf-8"))
+
+
+def run_consensus_stage(
+    catalog: Catalog, version_dir: str | Path, reuse: Reuse | None = None
+) -> ConsensusStageResult:
+    """Read the ingest artifacts from ``version_dir`` and write the consensus artifacts next to them.
+
+    ``reuse``: the previous version to take unchanged sites' results from (None: compute everything);
+    see tasks/consensus/incremental.py for what each site's result is keyed by.
+    """
+    reuse = reuse or Reuse()
+    version_dir = Path(version_dir)
     params = params_from_catalog(catalog)
     batch_size = catalog.settings.ingest.batch_size
     refs = list(catalog.settings.reference_labellers)
+    uris = _uris(catalog)
+    prev = reuse.previous
+    em_method = params.method == "em"
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    sites = read_table(version_dir / ds["sites"].uri)
-    done = read_table(version_dir / ds["assignments"].uri, columns=["site_id", "status"])
+    sites = read_table(version_dir / uris["sites"])
+    done = read_table(version_dir / uris["assignments"], columns=["site_id", "status"])
     labelled = set(done.loc[done["status"] == "completed", "site_id"])
-    site_ids = [s for s in sites["site_id"] if s in labelled]
-    uris = {name: ds[name].uri for name in ("sites", "labels", "assignments")}
-    parts = [
-        dask.delayed(_load_batch)(str(version_dir), uris, ids, refs) for ids in batches(site_ids, batch_size)
-    ]
+    site_ids = [str(s) for s in sites["site_id"] if s in labelled]
+    prev_inputs: dict[str, str] = {}
+    pass1_outputs = [uris["assignment_quality"]] + ([uris["consensus_pattern_counts"]] if em_method else [])
+    if reuse.enabled and prev is not None and all((prev / u).exists() for u in pass1_outputs):
+        prev_inputs = {u: k for u, (k, _) in reuse.previous_keys(INPUTS_STAGE).items()}
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    first = dask.compute(*[dask.delayed(_first_pass)(b, params) for b in parts])
-    aq_parts = [f[0] for f in first]
-    count_parts = [f[1] for f in first if f[1] is not None]
-    aq = pd.concat(aq_parts, ignore_index=True) if aq_parts else quality_batch([], params)
+    first = dask.compute(
+        *[
+            dask.delayed(_first_pass)(
+                str(version_dir),
+                uris,
+                ids,
+                refs,
+                params,
+                {s: prev_inputs[s] for s in ids if s in prev_inputs},
+                str(prev) if prev_inputs else None,
+            )
+            for ids in batches(site_ids, batch_size)
+        ]
+    )
+    input_keys = {s: k for f in first for s, k in f.keys.items()}
+    voters = {s: v for f in first for s, v in f.voters.items()}
+    reused_inputs = {s for f in first for s in f.reused}
+    aq = _concat([f.aq for f in first])
+    aq = (
+        quality_batch([], params)
+        if aq is None
+        else aq.sort_values(["site_id", "labeller_id"], kind="stable").reset_index(drop=True)
+    )
+    site_counts = _concat([f.counts for f in first])
+    site_counts = (
+        empty_site_counts()
+        if site_counts is None
+        else site_counts.sort_values(["site_id", "votes", "zone", "gold"], kind="stable").reset_index(
+            drop=True
+        )
+    )
+    del first
     lq = labeller_quality(aq, params)
-    model = None
-    if params.method == "em" and count_parts:
-        model = fit_pooled_em(sum_counts(list(count_parts)), lq, params)
-        lq = labeller_quality(aq, params, latent=model.latent_frame())
+    em = None
+    if em_method and site_ids:
+        em = fit_pooled_em(sum_counts([site_counts[PATTERN_COLUMNS]]), lq, params)
+        lq = labeller_quality(aq, params, latent=em.latent_frame())
+    fitted = fitted_model(em, lq, params)
+    model, took_new = fitted, None
+    if not reuse.refit and prev is not None:
+        model, took_new = carry_model(
+            fitted, read_consensus_model(prev, uris["consensus_model"]), params.carry_tolerance
+        )
     timings["quality_and_em"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    raster_dir = version_dir / ds["consensus_rasters"].uri
-    raster_dir.mkdir(parents=True, exist_ok=True)
+    keys = consensus_keys(input_keys, voters, model, params)
+    raster_dir = version_dir / uris["consensus_rasters"]
+    labels_dir = version_dir / uris["consensus_labels"]
+    for d in (raster_dir, labels_dir):  # a retried attempt starts from nothing
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    reused, prev_rows = _reusable_consensus(reuse, keys, uris)
+    model_input = model.em if em_method else model.bayes
+    # Canonical chunks of the labelled sites (not of the changed ones): each writes its own
+    # consensus_labels parts, so the coarse task never holds the polygons, and a reprocess and a full
+    # recompute write the same files.
+    chunks = batches(site_ids, batch_size)
     outs = dask.compute(
-        *[dask.delayed(_consensus_and_write)(b, model, lq, params, str(raster_dir)) for b in parts]
+        *[
+            dask.delayed(_consensus_chunk)(
+                str(version_dir),
+                uris,
+                k,
+                ids,
+                [s for s in ids if s not in reused],
+                content_key([(s, keys[s]) for s in ids]),
+                refs,
+                model_input,
+                params,
+                str(prev) if reused else None,
+                None if prev_rows is None else prev_rows[prev_rows["site_id"].isin(ids)],
+            )
+            for k, ids in enumerate(chunks)
+        ]
     )
-    site_rows = [o[0] for o in outs if len(o[0])]
-    poly_rows = [o[1] for o in outs if len(o[1])]
+    site_rows = [o[0] for o in outs]
+    parts = sorted(part for o in outs for part in o[1])
     timings["consensus"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    site_consensus = _with_footprints(
-        pd.concat(site_rows, ignore_index=True) if site_rows else pd.DataFrame(columns=["site_id"]), sites
+    site_consensus = _concat(site_rows)
+    site_consensus = (
+        pd.DataFrame(columns=SITE_CONSENSUS_COLUMNS)
+        if site_consensus is None
+        else site_consensus[SITE_CONSENSUS_COLUMNS].sort_values("site_id", kind="stable")
     )
-    consensus_labels = (
-        pd.concat(poly_rows, ignore_index=True)
-        if poly_rows
-        else pd.DataFrame(columns=["site_id", "crs", "geometry"])
-    )
+    site_consensus = _with_footprints(site_consensus.reset_index(drop=True), sites)
+    if parts:
+        labels_record = {
+            "path": labels_dir.name,
+            "rows": sum(n for _, _, n in parts),
+            "checksum": bytes_hash(*(h.encode() for _, h, _ in parts)),
+        }
+    else:
+        labels_record = write_table("consensus_labels", _labels_frame([]), labels_dir)
+    tifs = sorted(raster_dir.glob("*.tif"))
     artifacts = {
-        "assignment_quality": write_table(
-            "assignment_quality", aq, version_dir / ds["assignment_quality"].uri
-        ),
-        "labeller_quality": write_table("labeller_quality", lq, version_dir / ds["labeller_quality"].uri),
-        "site_consensus": write_table(
-            "site_consensus", site_consensus, version_dir / ds["site_consensus"].uri
-        ),
-        "consensus_labels": write_table(
-            "consensus_labels", consensus_labels, version_dir / ds["consensus_labels"].uri
-        ),
+        "assignment_quality": write_table("assignment_quality", aq, version_dir / uris["assignment_quality"]),
+        "labeller_quality": write_table("labeller_quality", lq, version_dir / uris["labeller_quality"]),
+        "site_consensus": write_table("site_consensus", site_consensus, version_dir / uris["site_consensus"]),
+        "consensus_labels": labels_record,
         "consensus_rasters": {
-            "path": ds["consensus_rasters"].uri,
-            "rows": len(list(raster_dir.glob("*.tif"))),
-            "checksum": bytes_hash(*(file_hash(p).encode() for p in sorted(raster_dir.glob("*.tif")))),
+            "path": uris["consensus_rasters"],
+            "rows": len(tifs),
+            "checksum": bytes_hash(*(file_hash(p).encode() for p in tifs)),
         },
+        "consensus_pattern_counts": write_table(
+            "consensus_pattern_counts", site_counts, version_dir / uris["consensus_pattern_counts"]
+        ),
+        "consensus_model": _write_model(model, version_dir / uris["consensus_model"]),
+        f"reuse_keys/{INPUTS_STAGE}": write_keys(version_dir, INPUTS_STAGE, input_keys, reused_inputs, reuse),
+        f"reuse_keys/{STAGE}": write_keys(version_dir, STAGE, keys, reused, reuse),
     }
-    item_labels = read_table(version_dir / ds["item_labels"].uri)
-    counts = {"consensus_sites": len(site_consensus), "gold_assignments": len(aq)}
+    item_labels = read_table(version_dir / uris["item_labels"])
+    counts = {
+        "consensus_sites": len(site_consensus),
+        "gold_assignments": len(aq),
+        **reuse_counts(STAGE, len(keys), len(reused)),
+        "consensus_quality_reused": len(reused_inputs),
+    }
+    if took_new is not None:
+        counts["consensus_values_refitted"] = len(took_new)
     if len(item_labels):
         ic = item_consensus(item_labels, method="ds", reference_labellers=refs)
         artifacts["item_consensus"] = write_table(
-            "item_consensus", ic.items, version_dir / ds["item_consensus"].uri
+            "item_consensus", ic.items, version_dir / uris["item_consensus"]
         )
         artifacts["item_labeller_quality"] = write_table(
-            "item_labeller_quality", ic.labellers, version_dir / ds["item_labeller_quality"].uri
+            "item_labeller_quality", ic.labellers, version_dir / uris["item_labeller_quality"]
         )
         artifacts["item_confusion"] = write_table(
-            "item_confusion", ic.confusion, version_dir / ds["item_confusion"].uri
+            "item_confusion", ic.confusion, version_dir / uris["item_confusion"]
         )
         counts["items"] = len(ic.items)
     timings["write"] = time.perf_counter() - t3
@@ -167,6 +400,46 @@ def run_consensus_stage(catalog: Catalog, version_dir: str | Path) -> ConsensusS
             f"labellers without gold tasks (quality from the EM only): {', '.join(map(str, no_gold))}"
         )
     return ConsensusStageResult(artifacts, timings, counts, notes)
+
+
+def _reusable_consensus(
+    reuse: Reuse, keys: dict[str, str], uris: dict[str, str]
+) -> tuple[set[str], pd.DataFrame | None]:
+    """Sites whose consensus key equals the previous version's, and their previous site_consensus rows.
+
+    A site is reused only when the previous version holds its outputs (a row needs its raster)."""
+    prev = reuse.previous
+    if prev is None or not all(
+        (prev / uris[n]).exists() for n in ("site_consensus", "consensus_labels", "consensus_rasters")
+    ):
+        return set(), None
+    reused = reuse.reusable(STAGE, keys)
+    rows = previous_rows(reuse, uris["site_consensus"], reused)
+    if rows is None or not len(rows):
+        return reused, pd.DataFrame(columns=SITE_CONSENSUS_COLUMNS)
+    have = np.array([(prev / uris["consensus_rasters"] / f"{s}.tif").exists() for s in rows["site_id"]])
+    reused -= set(rows.loc[~have, "site_id"])
+    return reused, pd.DataFrame(rows.loc[have]).reset_index(drop=True)
+
+
+def _labels_frame(rows: list) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=CONSENSUS_LABEL_COLUMNS)
+
+
+def _plain(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """consensus_labels rows as a plain frame (shapely objects, ``crs`` column): parts read from different
+    CRS files and fresh GeoDataFrames concatenate without CRS clashes."""
+    if df is None or not len(df):
+        return None
+    out = pd.DataFrame(df)[CONSENSUS_LABEL_COLUMNS].copy()
+    out["geometry"] = pd.Series(np.asarray(df["geometry"], dtype=object), index=out.index, dtype=object)
+    return out
+
+
+def _write_model(model: ConsensusModel, path: Path) -> dict:
+    text = model.to_json()
+    path.write_text(text, encoding="utf-8")
+    return {"path": path.name, "rows": model.n_labellers, "checksum": bytes_hash(text.encode())}
 
 
 def _with_footprints(site_consensus: pd.DataFrame, sites: gpd.GeoDataFrame) -> gpd.GeoDataFrame:

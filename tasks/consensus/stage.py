@@ -24,7 +24,14 @@ from tasks.consensus.em import EMModel, fit_em
 from tasks.consensus.labellers import labeller_quality
 from tasks.consensus.measures import assignment_quality_rows
 from tasks.consensus.params import ConsensusParams
-from tasks.consensus.patterns import PATTERN_COLUMNS, counts_frame, empty_counts, site_patterns, sum_counts
+from tasks.consensus.patterns import (
+    PATTERN_COLUMNS,
+    counts_frame,
+    empty_counts,
+    site_counts_frame,
+    site_patterns,
+    sum_counts,
+)
 from tasks.consensus.posterior import SITE_CONSENSUS_COLUMNS, consensus_site, site_votes
 from tasks.consensus.site import SiteInput, empty_labels, grid_box
 from tasks.store.grid import SiteGrid
@@ -41,6 +48,8 @@ __all__ = [
     "quality_batch",
     "run_consensus_local",
     "site_inputs",
+    "site_pattern_counts",
+    "site_voters",
 ]
 
 ASSIGNMENT_QUALITY_COLUMNS = [
@@ -107,6 +116,33 @@ def site_inputs(
         yield SiteInput(grid=grid, footprint=fp, labels=labels, assignments=sa, role=row.get("role"))
 
 
+def site_voters(
+    assignments_df: pd.DataFrame, reference_labellers: Iterable[str] = ()
+) -> dict[str, tuple[str, ...]]:
+    """``SiteInput.voters`` of every site with a completed assignment, from the assignments alone (no
+    footprints, no polygons): what a site's consensus key needs when its results are reused."""
+    refs = {str(r) for r in reference_labellers}
+    a = assignments_df[assignments_df["status"].astype(str) == "completed"]
+    if a.empty:
+        return {}
+    flag = a["is_reference"] if "is_reference" in a.columns else pd.Series(False, index=a.index)
+    a = pd.DataFrame(
+        {
+            "site_id": a["site_id"].astype(str),
+            "labeller_id": a["labeller_id"].astype(str),
+            "completed_at": a["completed_at"],
+            "ref": flag.fillna(False).astype(bool).to_numpy() | a["labeller_id"].astype(str).isin(refs),
+        }
+    )
+    # as SiteInput._completed: a labeller assigned twice keeps the latest completion (NaT sorts first)
+    a = a.sort_values(["completed_at", "labeller_id"], na_position="first", kind="stable")
+    a = a.drop_duplicates(["site_id", "labeller_id"], keep="last")
+    out = {str(s): () for s in a["site_id"].unique()}
+    for sid, g in a[~a["ref"]].groupby("site_id", sort=False):
+        out[str(sid)] = tuple(sorted(g["labeller_id"]))
+    return out
+
+
 def batches(items: Sequence, size: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
@@ -134,6 +170,20 @@ def pattern_counts_batch(batch: Sequence[SiteInput], params: ConsensusParams) ->
             items.append((sv.voters, pats))
         site.release()
     return counts_frame(items)
+
+
+def site_pattern_counts(batch: Sequence[SiteInput], params: ConsensusParams) -> pd.DataFrame:
+    """Vote-pattern counts per site (``site_id`` + ``PATTERN_COLUMNS``, see ``site_counts_frame``).
+
+    Summing the sites' rows (``sum_counts``) gives exactly ``pattern_counts_batch`` (integer counts)."""
+    items = []
+    for site in batch:
+        sv = site_votes(site, params)
+        if sv is not None:
+            pats = site_patterns(sv.codes, sv.gold, params.n_classes + 2, sv.zone, with_inverse=False)
+            items.append((site.site_id, sv.voters, pats))
+        site.release()
+    return site_counts_frame(items)
 
 
 def fit_pooled_em(

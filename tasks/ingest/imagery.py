@@ -7,6 +7,7 @@ so a batch's graph reads every COG block it needs once and nothing loads a whole
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from shapely.geometry import box
 
 from tasks.store.artifacts import bytes_hash, file_hash
 from tasks.store.errors import InputError
+from tasks.store.reuse import code_key, content_key
 
 _NUMERIC = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 PERCENTILES = (2, 50, 98)
@@ -55,8 +57,14 @@ def find_scenes(pattern: str) -> list[str]:
     return paths
 
 
-def open_scene(path: str, band_names: list[str] | None, required_bands: int) -> Scene:
-    """Read a scene's header and check it is a layout the pipeline supports."""
+def open_scene(
+    path: str, band_names: list[str] | None, required_bands: int, hasher: Callable[[str], str] | None = None
+) -> Scene:
+    """Read a scene's header and check it is a layout the pipeline supports.
+
+    ``hasher`` gives the file's content hash (default :func:`file_hash`, which reads the whole file; the
+    stage passes a :class:`tasks.store.hash_cache.HashCache` so unchanged scenes are not reread).
+    """
     try:
         with rasterio.open(path) as src:
             if src.crs is None:
@@ -91,7 +99,7 @@ def open_scene(path: str, band_names: list[str] | None, required_bands: int) -> 
             )
     except RasterioIOError as exc:
         raise InputError(path, f"not a readable GeoTIFF: {exc}") from None
-    return Scene(**{**header.__dict__, "file_hash": file_hash(path)})
+    return Scene(**{**header.__dict__, "file_hash": (hasher or file_hash)(path)})
 
 
 def site_windows(sites_4326: gpd.GeoDataFrame, scenes: list[Scene], path_for_errors: str) -> pd.DataFrame:
@@ -304,6 +312,49 @@ def _group_stats(chunks, row_edges, col_edges, tiles, nodata, vis_idx, dn) -> li
         )
         for win, pad, fill in tiles
     ]
+
+
+# The columns ``tile_stats`` computes from pixels (in its order); the rest of a row comes from ``pairs``.
+STAT_COLUMNS = (
+    "nodata_fraction",
+    "cloud_fraction",
+    "valid_fraction",
+    "content_hash",
+    "mean",
+    "std",
+    *(f"p{p:02d}" for p in PERCENTILES),
+)
+TILE_COLUMNS = ("site_id", "scene_id", "crs", "transform", "width", "height", "band_names", *STAT_COLUMNS)
+
+
+def tile_unit(site_id: str, scene_id: str) -> str:
+    """The reuse unit id of a tile."""
+    return f"{site_id}/{scene_id}"
+
+
+def tile_keys(pairs: pd.DataFrame, scenes: dict[str, Scene], cloud_threshold: float | None) -> dict[str, str]:
+    """Per tile (``tile_unit``): the content key of exactly what its ``tile_stats`` row depends on.
+
+    The pixels are the scene file's bytes (its hash: data, nodata value, dtype and size, which decide the
+    padding) inside the window; the band names decide which bands screen clouds, and the threshold (or
+    the dtype default) how bright a cloud is; the code is the ingest and store packages.
+    """
+    code = code_key("tasks.ingest", "tasks.store")
+    keys = {}
+    for p in pairs.itertuples(index=False):
+        sc = scenes[p.scene_id]
+        window = [int(p.col_off), int(p.row_off), int(p.width), int(p.height)]
+        keys[tile_unit(p.site_id, p.scene_id)] = content_key(
+            "ingest/tile",
+            sc.file_hash,
+            p.crs,
+            [float(v) for v in p.transform],
+            window,
+            cloud_threshold,
+            list(sc.band_names),
+            code,
+        )
+    return keys
 
 
 def tile_stats(pairs: pd.DataFrame, scenes: dict[str, Scene], cloud_threshold: float | None) -> pd.DataFrame:

@@ -12,7 +12,8 @@ import pandas as pd
 import shapely
 from shapely.geometry import box
 
-from tasks.ingest.readers import require_columns, require_ids, require_unique
+from schemas.catalog import Catalog
+from tasks.ingest.readers import read_table_file, read_vector, require_columns, require_ids, require_unique
 from tasks.store.errors import InputError
 
 LABEL_COLUMNS = [
@@ -240,3 +241,28 @@ def site_roles(site_ids: list[str], assignments: pd.DataFrame) -> pd.DataFrame:
         default="unlabelled",
     )
     return df
+
+
+def read_label_inputs(
+    catalog: Catalog, site_ids: set[str], grids: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(assignments, labels) of the catalog's inputs, read and normalised on ``grids`` (one row per site:
+    site_id, scene_id, crs, transform, width, height). Ingest and the label watcher share it, so both see
+    exactly the same normalised labels."""
+    ds = catalog.datasets
+    a_path = catalog.input_path("input_assignments")
+    assignments = normalise_assignments(
+        read_table_file(a_path, ds["input_assignments"].columns, ds["input_assignments"].constants),
+        a_path,
+        site_ids,
+        set(catalog.settings.reference_labellers),
+    )
+    l_path = catalog.input_path("input_labels")
+    labels = normalise_labels(
+        read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants),
+        l_path,
+        grids,
+        assignments,
+        catalog.settings.label_classes,
+    )
+    return assignments, labels

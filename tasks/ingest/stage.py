@@ -12,22 +12,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 from shapely.geometry import box
 
 from schemas.catalog import Catalog
-from tasks.ingest.imagery import Scene, find_scenes, open_scene, site_windows, tile_stats
+from tasks.ingest.imagery import (
+    STAT_COLUMNS,
+    TILE_COLUMNS,
+    Scene,
+    find_scenes,
+    open_scene,
+    site_windows,
+    tile_keys,
+    tile_stats,
+    tile_unit,
+)
 from tasks.ingest.labels import (
     _grid_bounds,
-    normalise_assignments,
     normalise_item_labels,
-    normalise_labels,
     normalise_sites,
+    read_label_inputs,
     site_roles,
 )
 from tasks.ingest.readers import read_table_file, read_vector
-from tasks.store.artifacts import file_hash, write_table
+from tasks.store.artifacts import write_table
 from tasks.store.errors import InputError
+from tasks.store.hash_cache import HashCache
+from tasks.store.reuse import Reuse, previous_rows, reuse_counts, write_keys
 from tasks.store.stage_result import StageResult
 
 
@@ -38,14 +50,32 @@ class IngestResult(StageResult):
     inputs: list[dict] = field(default_factory=list)
 
 
-def _input_record(name: str, path: str) -> dict:
+STAGE = "ingest"
+
+
+def _input_record(name: str, path: str, hashes: HashCache) -> dict:
     p = Path(path)
-    return {"dataset": name, "path": str(p), "bytes": p.stat().st_size, "hash": file_hash(p)}
+    return {"dataset": name, "path": str(p), "bytes": p.stat().st_size, "hash": hashes.hash(p)}
 
 
-def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestResult:
-    """Read every input the catalog names, validate and normalise it, write the ingest artifacts."""
-    out_dir = Path(out_dir)
+def run_ingest(
+    catalog: Catalog, out_dir: str | Path, progress=None, reuse: Reuse | None = None
+) -> IngestResult:
+    """Read every input the catalog names, validate and normalise it, write the ingest artifacts.
+
+    Input files are hashed through the dataset's hash cache (unchanged files are not reread). With
+    ``reuse``, a tile whose key (``tile_keys``) equals the previous version's takes its statistics from
+    that version's ``tiles`` table instead of reading pixels; labels, assignments and sites are always
+    normalised afresh (cheap). Every table is written sorted by its primary key.
+    """
+    hashes = HashCache.for_root(catalog.root_path)
+    try:
+        return _run_ingest(catalog, Path(out_dir), progress, reuse or Reuse(), hashes)
+    finally:
+        hashes.save()
+
+
+def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes: HashCache) -> IngestResult:
     s = catalog.settings
     ds = catalog.datasets
     timings: dict[str, float] = {}
@@ -53,7 +83,7 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
     ref = set(s.reference_labellers)
 
     scene_paths = find_scenes(catalog.input_path("imagery"))
-    scenes = [open_scene(p, s.ingest.band_names, s.ingest.required_bands) for p in scene_paths]
+    scenes = [open_scene(p, s.ingest.band_names, s.ingest.required_bands, hashes.hash) for p in scene_paths]
     dup = pd.Series([sc.scene_id for sc in scenes]).duplicated()
     if dup.any():
         twin = scenes[int(dup.idxmax())]
@@ -69,35 +99,28 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
     sites = normalise_sites(
         read_vector(sites_path, ds["input_sites"].columns, ds["input_sites"].constants), sites_path
     )
-    inputs.append(_input_record("input_sites", sites_path))
+    inputs.append(_input_record("input_sites", sites_path, hashes))
     pairs = site_windows(sites, scenes, sites_path)
     timings["scan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    tiles = _all_tile_stats(
-        pairs, {sc.scene_id: sc for sc in scenes}, s.ingest.cloud_threshold, s.ingest.batch_size, progress
-    )
+    by_id = {sc.scene_id: sc for sc in scenes}
+    keys = tile_keys(pairs, by_id, s.ingest.cloud_threshold)
+    reused_tiles = _previous_tiles(reuse, ds["tiles"].uri, reuse.reusable(STAGE, keys))
+    reused = set(reused_tiles.index)
+    units = [tile_unit(a, b) for a, b in zip(pairs["site_id"], pairs["scene_id"], strict=True)]
+    todo = pairs[[u not in reused for u in units]]
+    tiles = _all_tile_stats(todo, by_id, s.ingest.cloud_threshold, s.ingest.batch_size, progress)
+    tiles = _with_reused(tiles, pairs[[u in reused for u in units]], reused_tiles, by_id)
     timings["tiles"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     grids = _primary_grids(tiles, pairs)
     a_path = catalog.input_path("input_assignments")
-    assignments = normalise_assignments(
-        read_table_file(a_path, ds["input_assignments"].columns, ds["input_assignments"].constants),
-        a_path,
-        set(sites["site_id"]),
-        ref,
-    )
-    inputs.append(_input_record("input_assignments", a_path))
     l_path = catalog.input_path("input_labels")
-    labels = normalise_labels(
-        read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants),
-        l_path,
-        grids,
-        assignments,
-        s.label_classes,
-    )
-    inputs.append(_input_record("input_labels", l_path))
+    assignments, labels = read_label_inputs(catalog, set(sites["site_id"]), grids)
+    inputs.append(_input_record("input_assignments", a_path, hashes))
+    inputs.append(_input_record("input_labels", l_path, hashes))
     n_poly = labels.groupby(["site_id", "labeller_id"]).size()
     key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
     assignments["n_polygons"] = n_poly.reindex(key).fillna(0).astype("int64").to_numpy()
@@ -115,7 +138,7 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
             ref,
             s.item_classes,
         )
-        inputs.append(_input_record("input_item_labels", i_path))
+        inputs.append(_input_record("input_item_labels", i_path, hashes))
     elif "input_item_labels" in ds and not ds["input_item_labels"].optional:
         raise InputError(catalog.input_path("input_item_labels"), "file not found")
     else:
@@ -134,13 +157,18 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
 
     t3 = time.perf_counter()
     artifacts = {
-        "sites": write_table("sites", sites_table, out_dir / ds["sites"].uri),
+        "sites": write_table("sites", _canonical(sites_table, "site_id"), out_dir / ds["sites"].uri),
         "tiles": write_table("tiles", _tiles_gdf(tiles), out_dir / ds["tiles"].uri),
-        "labels": write_table("labels", labels, out_dir / ds["labels"].uri),
+        "labels": write_table("labels", _canonical(labels, "polygon_id"), out_dir / ds["labels"].uri),
         "assignments": write_table(
-            "assignments", assignments.reset_index(drop=True), out_dir / ds["assignments"].uri
+            "assignments",
+            _canonical(assignments, "site_id", "labeller_id"),
+            out_dir / ds["assignments"].uri,
         ),
-        "item_labels": write_table("item_labels", item_labels, out_dir / ds["item_labels"].uri),
+        "item_labels": write_table(
+            "item_labels", _canonical(item_labels, "item_id", "labeller_id"), out_dir / ds["item_labels"].uri
+        ),
+        f"reuse_keys/{STAGE}": write_keys(out_dir, STAGE, dict(sorted(keys.items())), reused, reuse),
     }
     timings["write"] = time.perf_counter() - t3
     notes = [f"{int((~labels['was_valid']).sum())} invalid polygons repaired"] if len(labels) else []
@@ -157,12 +185,15 @@ def run_ingest(catalog: Catalog, out_dir: str | Path, progress=None) -> IngestRe
             ((assignments.status == "completed") & (assignments.n_polygons == 0)).sum()
         ),
         "item_labels": len(item_labels),
+        **reuse_counts(STAGE, len(keys), len(reused)),
     }
     return IngestResult(artifacts=artifacts, timings=timings, counts=counts, notes=notes, inputs=inputs)
 
 
 def _all_tile_stats(pairs, scenes: dict[str, Scene], cloud_threshold, batch_size, progress) -> pd.DataFrame:
     site_ids = pairs["site_id"].drop_duplicates().tolist()
+    if not site_ids:
+        return pd.DataFrame(columns=[*TILE_COLUMNS, "coverage"])
     frames = []
     for start in range(0, len(site_ids), batch_size):
         batch = set(site_ids[start : start + batch_size])
@@ -224,3 +255,41 @@ def _tiles_gdf(tiles: pd.DataFrame) -> gpd.GeoDataFrame:
     out["width"] = out["width"].astype("int64")
     out["height"] = out["height"].astype("int64")
     return out
+
+
+def _canonical(df: pd.DataFrame, *key: str) -> pd.DataFrame:
+    """``df`` sorted by its primary key: the same inputs always give the same row order."""
+    return df.sort_values(list(key), kind="stable").reset_index(drop=True)
+
+
+def _previous_tiles(reuse: Reuse, uri: str, units: set[str]) -> pd.DataFrame:
+    """Statistics columns of the reusable tiles in the previous version's ``tiles``, indexed by unit id.
+
+    A unit whose row is missing there is left out (and so recomputed).
+    """
+    prev = previous_rows(reuse, uri, {u.split("/", 1)[0] for u in units})
+    if prev is None or len(prev) == 0:
+        return pd.DataFrame(columns=list(STAT_COLUMNS))
+    ids = [tile_unit(a, b) for a, b in zip(prev["site_id"], prev["scene_id"], strict=True)]
+    prev = pd.DataFrame(prev[list(STAT_COLUMNS)]).set_axis(ids)
+    return prev[prev.index.isin(units)]
+
+
+def _with_reused(
+    computed: pd.DataFrame, pairs: pd.DataFrame, previous: pd.DataFrame, scenes: dict[str, Scene]
+) -> pd.DataFrame:
+    """The computed tiles plus the reused ones (this run's window columns, the previous statistics),
+    in canonical order (site_id, scene_id)."""
+    if len(pairs):
+        old = pairs[["site_id", "scene_id", "crs", "transform", "width", "height", "coverage"]]
+        old = old.reset_index(drop=True).copy()
+        old["band_names"] = [list(scenes[s].band_names) for s in old["scene_id"]]
+        units = [tile_unit(a, b) for a, b in zip(old["site_id"], old["scene_id"], strict=True)]
+        stats = previous.loc[units].reset_index(drop=True)
+        for c in STAT_COLUMNS:  # Parquet gives arrays back for the per-band lists; store lists as computed
+            old[c] = [v.tolist() if isinstance(v, np.ndarray) else v for v in stats[c]]
+        frames = [f for f in (computed, old) if len(f)]
+        tiles = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    else:
+        tiles = computed
+    return _canonical(tiles[[*TILE_COLUMNS, "coverage"]], "site_id", "scene_id")

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
+from tasks.store.reuse import content_key
 
 # The ingest stage's cloud rule (visible-band mean above a DN), repeated here because stages share
 # artifacts, not code; `tiles.cloud_fraction` is computed with the same rule.
@@ -70,10 +71,11 @@ class SitePixels:
         return float(self.valid.mean())
 
 
-def read_site(
-    path: str, grid: SiteGrid, mean: np.ndarray, std: np.ndarray, cloud_threshold: float | None
-) -> SitePixels:
-    """Windowed read of the site's grid from its scene; pixels outside the scene read as nodata."""
+def read_window(path: str, grid: SiteGrid) -> tuple[np.ndarray, float | None, list[str], str]:
+    """The raw pixels of the site's grid in its scene (bands, H, W), the nodata value, band names, dtype.
+
+    Pixels outside the scene read as nodata.
+    """
     with rasterio.open(path) as src:
         inv = ~src.transform
         col, row = inv @ (grid.transform[2], grid.transform[5])
@@ -85,6 +87,20 @@ def read_site(
         arr = src.read(window=win) if inside else src.read(window=win, boundless=True, fill_value=fill)
         names = [str(d or "").lower() for d in src.descriptions]
         dtype = src.dtypes[0]
+    return arr, nodata, names, dtype
+
+
+def window_key(path: str, grid: SiteGrid) -> str:
+    """Content key of the raw window ``read_site`` reads (when the ingest stage recorded no tile key)."""
+    arr, nodata, names, dtype = read_window(path, grid)
+    return content_key("window", arr, repr(nodata), names, dtype, list(grid.transform), grid.crs)
+
+
+def read_site(
+    path: str, grid: SiteGrid, mean: np.ndarray, std: np.ndarray, cloud_threshold: float | None
+) -> SitePixels:
+    """Windowed read of the site's grid from its scene; pixels outside the scene read as nodata."""
+    arr, nodata, names, dtype = read_window(path, grid)
     if arr.shape[0] != len(mean):
         raise InputError(path, f"{arr.shape[0]} bands, but the tiles table has statistics for {len(mean)}")
     if nodata is None:

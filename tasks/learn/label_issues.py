@@ -4,6 +4,9 @@ Two passes over batches of sites, fanned out with ``dask.delayed`` on the active
 (given class x p(field)) histogram per batch, summed and fitted once (thresholds pooled over all sites
 and labellers); (2) per assignment, flagged pixels -> regions -> issues. Batches read their own rasters,
 so memory is O(batch). See docs/label_issues.md for the method and the tables.
+
+Incremental: each site's histogram (``label_issue_stats``) and issue rows are keyed by their inputs, so a
+reprocess reads only the sites whose inputs (or the fit they used) changed; ranks are always redone.
 """
 
 from __future__ import annotations
@@ -31,14 +34,29 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     field_probability,
     fit_pixel_cl,
+    fit_summary,
     quantise,
 )
-from tasks.store.artifacts import read_table, write_table
+from tasks.store.artifacts import file_hash, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
+from tasks.store.reuse import (
+    Reuse,
+    carry_close,
+    code_key,
+    content_key,
+    previous_rows,
+    read_keys,
+    reuse_counts,
+    site_label_keys,
+    write_keys,
+)
 from tasks.store.stage_result import StageResult
 
+STAGE = "label_issues"
 OOS_URI = "oos_probabilities"
+STATS_URI = "label_issue_stats.parquet"
+POOLED = "*"  # label_issue_stats unit of the pooled histogram in use
 ISSUE_COLUMNS = [
     "issue_id", "site_id", "labeller_id", "kind", "rank", "score", "area_m2", "n_pixels", "mean_p_field",
     "consensus_agreement", "labeller_polygon_id", "evidence", "crs", "geometry",
@@ -168,14 +186,47 @@ def _site_arrays(w: SiteWork, params: IssueParams):
     return quantise(pf, params.n_bins), cons_field, ids
 
 
-def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
-    """Pass 1: the (given class x p(field) bin) histogram of every crowd assignment in the batch."""
+def site_stats(w: SiteWork, params: IssueParams) -> PixelStats:
+    """Pass 1 for one site: the (given class x p(field) bin) histogram of its crowd assignments."""
     stats = PixelStats.zeros(params.n_bins)
-    for w in batch:
-        bins, _, ids = _site_arrays(w, params)
-        for raster in ids.values():
-            stats.add(bins, (raster > 0).astype(np.int8))
+    bins, _, ids = _site_arrays(w, params)
+    for raster in ids.values():
+        stats.add(bins, (raster > 0).astype(np.int8))
     return stats
+
+
+def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
+    """Pass 1: the histogram of every crowd assignment in the batch."""
+    return reduce(PixelStats.__add__, (site_stats(w, params) for w in batch), PixelStats.zeros(params.n_bins))
+
+
+def site_stats_batch(
+    batch: list[SiteWork], params: IssueParams
+) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
+    """Pass 1 keeping each site's histogram (sparse bytes, see ``PixelStats.encode``) next to the sum."""
+    total, per_site = PixelStats.zeros(params.n_bins), {}
+    for w in batch:
+        st = site_stats(w, params)
+        total = total + st
+        per_site[w.site_id] = (*st.encode(), int(st.hist.sum()))
+    return total, per_site
+
+
+def collect_stats(
+    parts: list[list[SiteWork]], params: IssueParams
+) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
+    """Pass 1 over batches on the active Dask scheduler: the pooled histogram and each site's."""
+    outs = dask.compute(*[dask.delayed(site_stats_batch)(b, params) for b in parts])
+    total = reduce(PixelStats.__add__, (o[0] for o in outs), PixelStats.zeros(params.n_bins))
+    return total, {sid: v for o in outs for sid, v in o[1].items()}
+
+
+def collect_issues(
+    parts: list[list[SiteWork]], model: PixelCL, params: IssueParams
+) -> tuple[list[dict], list[dict]]:
+    """Pass 2 over batches on the active Dask scheduler: unranked issue records and summaries."""
+    outs = dask.compute(*[dask.delayed(issues_batch)(b, model, params) for b in parts])
+    return [r for o in outs for r in o[0]], [s for o in outs for s in o[1]]
 
 
 def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> tuple[list[dict], list[dict]]:
@@ -254,6 +305,20 @@ def rank_tables(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Final scores (gold-weighted where there is no independent consensus), ranks over the whole
     dataset (1 = fix first: score desc, ties by ids), assignment totals, and the evidence JSON."""
+    return rank_frames(*score_tables(issues, summaries, labeller_quality, source, thresholds, params))
+
+
+def score_tables(
+    issues: list[dict],
+    summaries: list[dict],
+    labeller_quality: pd.DataFrame | None,
+    source: str,
+    thresholds: Sequence[float] = (),
+    params: IssueParams | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-row part of ``rank_tables``: final scores and evidence, no ranks or totals. Every value of a
+    row depends only on its own assignment, the fit, the gold record and parameters (so an unchanged
+    site's rows can be taken over from the previous version and ranked with the rest)."""
     params = params or IssueParams()
     gold = _gold_records(labeller_quality)
     extra = ["mean_margin", "zone_share", "offset_px", "consensus_independent", "regions",
@@ -263,16 +328,25 @@ def rank_tables(
     base = li["uncorroborated_base"].to_numpy(float)
     li["score"] = li["score"].to_numpy(float) + base * (w - params.uncorroborated_weight)
     li["weight"] = np.where(li["consensus_agreement"].isna(), w, li["consensus_agreement"].astype(float))
-    li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
-    li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
     ev_cols = ["area_m2", "n_pixels", "mean_p_field", "mean_margin", "consensus_agreement", "weight",
                "consensus_independent", "zone_share", "offset_px", "labeller_polygon_id"]  # fmt: skip
     common = {"probability_source": source, "thresholds": [_clean(t) for t in thresholds]}
     li["evidence"] = [_evidence(r, ev_cols, common, gold.get(r.labeller_id)) for r in li.itertuples()]
     floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
-    li = li[ISSUE_COLUMNS].astype(floats | {"n_pixels": np.int64})
-
+    li = li[[c for c in ISSUE_COLUMNS if c != "rank"]].astype(floats | {"n_pixels": np.int64})
     ai = pd.DataFrame(summaries, columns=[c for c in SUMMARY_COLUMNS if c not in ("rank", "issue_score")])
+    return li.reset_index(drop=True), ai
+
+
+def rank_frames(li: pd.DataFrame, ai: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Ranks over the whole dataset (ties broken by the unique ids, so the order is total) and assignment
+    totals, from ``score_tables`` frames (``rank`` / ``issue_score`` columns, if any, are recomputed)."""
+    li = li.drop(columns="rank", errors="ignore")
+    li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
+    li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
+    floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
+    li = li[ISSUE_COLUMNS].astype(floats | {"n_pixels": np.int64})
+    ai = ai.drop(columns=["rank", "issue_score"], errors="ignore")
     totals = li.groupby(["site_id", "labeller_id"])["score"].sum().rename("issue_score").reset_index()
     ai = ai.merge(totals, on=["site_id", "labeller_id"], how="left").fillna({"issue_score": 0.0})
     ai = ai.sort_values(["issue_score", "flagged_fraction", "site_id", "labeller_id"], ascending=[0, 0, 1, 1])
@@ -298,17 +372,24 @@ def run_label_issues(
             f"{len(missing)} labelled site(s) without probabilities skipped: {', '.join(missing[:10])}"
         )
     work = [w for w in work if w.has_probabilities]
-    size = params.batch_size or batch_size
-    parts = [work[i : i + size] for i in range(0, len(work), size)]
-    stats = dask.compute(*[dask.delayed(stats_batch)(b, params) for b in parts])
-    model = fit_pixel_cl(reduce(PixelStats.__add__, stats, PixelStats.zeros(params.n_bins)), params.filter_by)
-    for k in np.flatnonzero(model.n_given == 0):
-        notes.append(f"no crowd pixel is labelled {('background', 'field')[k]}: nothing is flagged as it")
-    outs = dask.compute(*[dask.delayed(issues_batch)(b, model, params) for b in parts])
-    issues = [r for o in outs for r in o[0]]
-    summaries = [s for o in outs for s in o[1]]
+    parts = _batches(work, params.batch_size or batch_size)
+    total, _ = collect_stats(parts, params)
+    model = fit_pixel_cl(total, params.filter_by)
+    notes += _empty_class_notes(total)
+    issues, summaries = collect_issues(parts, model, params)
     li, ai = rank_tables(issues, summaries, labeller_quality, source, model.thresholds, params)
     return LabelIssuesResult(li, ai, model, notes)
+
+
+def _batches(work: list[SiteWork], size: int) -> list[list[SiteWork]]:
+    return [work[i : i + size] for i in range(0, len(work), size)]
+
+
+def _empty_class_notes(stats: PixelStats) -> list[str]:
+    return [
+        f"no crowd pixel is labelled {('background', 'field')[k]}: nothing is flagged as it"
+        for k in np.flatnonzero(stats.hist.sum(axis=1) == 0)
+    ]
 
 
 def load_probabilities(
@@ -342,11 +423,24 @@ def _prob_folder(catalog: Catalog, version_dir: Path, source: str) -> tuple[Path
 
 
 def run_label_issues_stage(
-    catalog: Catalog, version_dir: str | Path, probabilities: Mapping[str, np.ndarray] | None = None
+    catalog: Catalog,
+    version_dir: str | Path,
+    reuse: Reuse | None = None,
+    *,
+    probabilities: Mapping[str, np.ndarray] | None = None,
 ) -> LabelIssuesStageResult:
-    """Read the ingest and consensus artifacts of ``version_dir``, write ``label_issues`` and
-    ``assignment_issues`` next to them. ``probabilities`` (site_id -> array) overrides the files."""
+    """Read the ingest and consensus artifacts of ``version_dir``, write ``label_issues``,
+    ``assignment_issues`` and ``label_issue_stats`` next to them. ``probabilities`` (site_id -> array)
+    overrides the files.
+
+    Incremental (``reuse``): a site's histogram is taken from the previous version's ``label_issue_stats``
+    when its input key (consensus and probability rasters, labels, parameters, code) is unchanged; the fit
+    is redone from the pooled histogram (or, without refit, the previous one is carried while the refit
+    moves by at most ``carry_close``); a site's issue rows are taken over when its unit key (inputs, the
+    fit in use, its labellers' gold records) is unchanged; ranks are recomputed over all rows.
+    """
     version_dir = Path(version_dir)
+    reuse = reuse if reuse is not None else Reuse()
     ds = catalog.datasets
     params = params_from_catalog(catalog)
     t0 = time.perf_counter()
@@ -355,7 +449,8 @@ def run_label_issues_stage(
     assignments = read_table(version_dir / ds["assignments"].uri)
     lq_path = version_dir / ds["labeller_quality"].uri
     lq = read_table(lq_path) if lq_path.exists() else None
-    work = build_work(sites, labels, assignments, catalog.settings.reference_labellers)
+    refs = catalog.settings.reference_labellers
+    work = build_work(sites, labels, assignments, refs)
     cons_dir = version_dir / ds["consensus_rasters"].uri
     if probabilities is None:
         folder, source = _prob_folder(catalog, version_dir, params.probability_source)
@@ -369,11 +464,69 @@ def run_label_issues_stage(
         elif (folder / f"{w.site_id}.tif").is_file():
             w.prob_path, w.prob_kind = str(folder / f"{w.site_id}.tif"), source
     timings = {"load": time.perf_counter() - t0}
+
     t1 = time.perf_counter()
-    res = run_label_issues(work, params, lq, catalog.settings.ingest.batch_size, source)
-    timings["issues"] = time.perf_counter() - t1
+    inputs = _input_keys(work, version_dir, source, labels, assignments, params, refs)
+    timings["keys"] = time.perf_counter() - t1
+    notes = []
+    if missing := [w.site_id for w in work if not w.has_probabilities]:
+        notes.append(
+            f"{len(missing)} labelled site(s) without probabilities skipped: {', '.join(missing[:10])}"
+        )
+    scored = [w for w in work if w.has_probabilities]
+    size = params.batch_size or catalog.settings.ingest.batch_size
+
+    # pass 1: per-site histograms (unchanged sites from the previous version), pooled, fitted
     t2 = time.perf_counter()
-    notes = list(res.notes)
+    stats_uri = ds["label_issue_stats"].uri if "label_issue_stats" in ds else STATS_URI
+    prev_stats = _read_stats(reuse.previous / stats_uri) if reuse.previous is not None else {}
+    site_hists: dict[str, tuple[bytes, bytes, int]] = {}
+    total = PixelStats.zeros(params.n_bins)
+    for w in scored:
+        prev = prev_stats.get(w.site_id)
+        if reuse.enabled and prev is not None and prev[0] == inputs[w.site_id] and prev[1] == params.n_bins:
+            hist = PixelStats.decode(params.n_bins, prev[2], prev[3])
+            site_hists[w.site_id] = (prev[2], prev[3], int(hist.hist.sum()))
+            total = total + hist
+    todo = [w for w in scored if w.site_id not in site_hists]
+    fresh_total, fresh_hists = collect_stats(_batches(todo, size), params)
+    total = total + fresh_total
+    site_hists |= fresh_hists
+    notes += _empty_class_notes(total)
+    pooled, model, carried = choose_fit(total, prev_stats.get(POOLED), reuse, params)
+    if carried:
+        notes.append(
+            f"label_issues kept the previous fit: the refit moved thresholds and flag cut-offs by <= "
+            f"{params.carry_close} (carry_close; a refresh with refit refits)"
+        )
+    timings["stats"] = time.perf_counter() - t2
+
+    # pass 2: issue rows per site (unchanged units from the previous version), then ranks over all
+    t3 = time.perf_counter()
+    gold = _gold_records(lq)
+    fit_key = content_key(model.filter_by, model.thresholds, model.flag_lut)
+    keys = {
+        w.site_id: content_key(
+            STAGE, inputs[w.site_id], fit_key, [(lid, gold.get(lid)) for lid in sorted(w.labellers)]
+        )
+        for w in work
+    }
+    reused = reuse.reusable(STAGE, keys)
+    li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
+    old_li, old_ai, reused = _previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
+    issues, summaries = collect_issues(
+        _batches([w for w in scored if w.site_id not in reused], size), model, params
+    )
+    li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
+    if old_li is not None:
+        crs = {w.site_id: w.grid.crs for w in work}
+        old_li = old_li.assign(crs=old_li["site_id"].map(crs))
+        li = pd.concat([li, old_li[li.columns]], ignore_index=True) if len(old_li) else li
+        ai = pd.concat([ai, old_ai[ai.columns]], ignore_index=True) if len(old_ai) else ai
+    li, ai = rank_frames(li, ai)
+    timings["issues"] = time.perf_counter() - t3
+
+    t4 = time.perf_counter()
     if source == "consensus":
         notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
     no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
@@ -384,12 +537,119 @@ def run_label_issues_stage(
         odd = sorted(set(labels["label"].dropna().astype(str)) - known)
         if odd:
             notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
+    stats = _stats_table({w.site_id: (inputs[w.site_id], *site_hists[w.site_id]) for w in scored}, pooled)
     artifacts = {
-        "label_issues": write_table("label_issues", res.label_issues, version_dir / ds["label_issues"].uri),
-        "assignment_issues": write_table(
-            "assignment_issues", res.assignment_issues, version_dir / ds["assignment_issues"].uri
-        ),
+        "label_issues": write_table("label_issues", li, version_dir / li_uri),
+        "assignment_issues": write_table("assignment_issues", ai, version_dir / ai_uri),
+        "label_issue_stats": write_table("label_issue_stats", stats, version_dir / stats_uri),
+        f"reuse_keys/{STAGE}": write_keys(version_dir, STAGE, keys, reused, reuse),
     }
-    timings["write"] = time.perf_counter() - t2
-    counts = {"label_issues": len(res.label_issues), "issue_assignments": len(res.assignment_issues)}
+    timings["write"] = time.perf_counter() - t4
+    counts = {
+        "label_issues": len(li),
+        "issue_assignments": len(ai),
+        **reuse_counts(STAGE, len(keys), len(reused)),
+        "label_issues_stats_recomputed": len(todo),
+        "label_issues_fit_carried": int(carried),
+    }
     return LabelIssuesStageResult(artifacts, timings, counts, notes)
+
+
+# ---------------------------------------------------------------------------- incremental reprocessing
+def _key_params(params: IssueParams, reference_labellers: Sequence[str]) -> dict:
+    """Parameters a site's results depend on (batching and the carry tolerance change no result)."""
+    out = params.model_dump(mode="json", exclude={"batch_size", "carry_close"})
+    return out | {"reference_labellers": sorted(map(str, reference_labellers))}
+
+
+def _raster_part(upstream: Mapping[str, tuple[str, str]], site_id: str, path: str | None) -> str:
+    """What a site's raster input contributes to a key: the producing stage's unit key when it wrote one,
+    else the file's content hash; 'absent' without a file."""
+    if path is None:
+        return "absent"
+    if site_id in upstream:
+        return "key:" + upstream[site_id][0]
+    return "file:" + file_hash(path)
+
+
+def _input_keys(
+    work: list[SiteWork],
+    version_dir: Path,
+    source: str,
+    labels: pd.DataFrame,
+    assignments: pd.DataFrame,
+    params: IssueParams,
+    reference_labellers: Sequence[str],
+) -> dict[str, str]:
+    """site_id -> key of everything its histogram and issues read: the consensus raster, the probability
+    raster (or array), the site's labels and assignments, parameters and code."""
+    consensus_keys, train_keys = read_keys(version_dir, "consensus"), read_keys(version_dir, "train")
+    label_keys = site_label_keys(labels, assignments)
+    common = (source, _key_params(params, reference_labellers), code_key("tasks.learn", "tasks.store"))
+    out = {}
+    for w in work:
+        cons = _raster_part(consensus_keys, w.site_id, w.consensus_path)
+        if w.probs is not None:
+            prob = content_key(np.asarray(w.probs))
+        elif w.prob_kind == "consensus":
+            prob = _raster_part(consensus_keys, w.site_id, w.prob_path)
+        else:
+            prob = _raster_part(train_keys, w.site_id, w.prob_path)
+        out[w.site_id] = content_key("label_issues/input", cons, prob, label_keys.get(w.site_id), *common)
+    return out
+
+
+def _read_stats(path: Path) -> dict[str, tuple[str, int, bytes, bytes]]:
+    """unit_id -> (key, n_bins, cells, counts) of a ``label_issue_stats`` table ({} when absent)."""
+    if not path.exists():
+        return {}
+    df = read_table(path)
+    return {
+        str(r.unit_id): (str(r.key), int(r.n_bins), bytes(r.cells), bytes(r.counts))
+        for r in df.itertuples(index=False)
+    }
+
+
+def _stats_table(sites: Mapping[str, tuple[str, bytes, bytes, int]], pooled: PixelStats) -> pd.DataFrame:
+    """The ``label_issue_stats`` rows: one per scored site and the pooled histogram in use ('*')."""
+    cells, counts = pooled.encode()
+    rows = [(POOLED, content_key(cells, counts), int(pooled.hist.sum()), cells, counts)]
+    rows += [(sid, key, n, c, k) for sid, (key, c, k, n) in sorted(sites.items())]
+    df = pd.DataFrame(rows, columns=["unit_id", "key", "n_pixels", "cells", "counts"])
+    df.insert(2, "n_bins", np.int64(pooled.hist.shape[1]))
+    return df.astype({"n_pixels": np.int64, "n_bins": np.int64})
+
+
+def choose_fit(
+    total: PixelStats, previous: tuple[str, int, bytes, bytes] | None, reuse: Reuse, params: IssueParams
+) -> tuple[PixelStats, PixelCL, bool]:
+    """(pooled histogram in use, its fit, carried?). Without refit the previous version's pooled
+    histogram stays in use while its fit is within ``carry_close`` of the refit (``fit_summary``)."""
+    fresh = fit_pixel_cl(total, params.filter_by)
+    if reuse.refit or previous is None or previous[1] != params.n_bins:
+        return total, fresh, False
+    old_stats = PixelStats.decode(params.n_bins, previous[2], previous[3])
+    old = fit_pixel_cl(old_stats, params.filter_by)
+    _, changed = carry_close({"fit": fit_summary(fresh)}, {"fit": fit_summary(old)}, params.carry_close)
+    return (total, fresh, False) if changed else (old_stats, old, True)
+
+
+def _previous_site_rows(
+    reuse: Reuse, li_uri: str, ai_uri: str, scored: list[SiteWork], reused: set[str]
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None, set[str]]:
+    """The previous version's label_issues and assignment_issues rows of the reusable scored sites, and
+    the reusable units left once sites whose rows are missing or incomplete are dropped (recomputed)."""
+    ids = sorted(reused & {w.site_id for w in scored})
+    if not ids:
+        return None, None, reused
+    old_ai = previous_rows(reuse, ai_uri, ids)
+    old_li = previous_rows(reuse, li_uri, ids)
+    if old_ai is None or old_li is None:
+        return None, None, reused - set(ids)
+    have = old_ai.groupby("site_id")["labeller_id"].agg(lambda s: sorted(map(str, s))).to_dict()
+    ok = {w.site_id for w in scored if w.site_id in ids and have.get(w.site_id) == sorted(w.labellers)}
+    old_ai = old_ai[old_ai["site_id"].isin(ok)]
+    old_li = old_li[old_li["site_id"].isin(ok)] if len(old_li) else old_li
+    if len(old_li) == 0:
+        old_li = pd.DataFrame(columns=ISSUE_COLUMNS)
+    return old_li, old_ai, reused - (set(ids) - ok)

@@ -62,6 +62,12 @@ class IssueParams(BaseModel):
         64, ge=1, description="Flagged pixels needed to call an empty assignment wrong."
     )
     batch_size: int | None = Field(None, ge=1, description="Sites per Dask task; default ingest.batch_size.")
+    carry_close: float = Field(
+        0.01,
+        ge=0,
+        description="Reprocess without refit: keep the previous fit while its thresholds and flag cut-offs "
+        "(p(field) units) moved by at most this.",
+    )
 
 
 def field_probability(probs, name: str = "probabilities", tol: float = 1e-3) -> np.ndarray:
@@ -124,6 +130,18 @@ class PixelStats:
     def __add__(self, other: PixelStats) -> PixelStats:
         return PixelStats(self.hist + other.hist)
 
+    def encode(self) -> tuple[bytes, bytes]:
+        """Sparse bytes (flat cell indices uint32, counts int64; little-endian) of the non-zero cells."""
+        flat = self.hist.ravel()
+        nz = np.flatnonzero(flat)
+        return nz.astype("<u4").tobytes(), flat[nz].astype("<i8").tobytes()
+
+    @classmethod
+    def decode(cls, n_bins: int, cells: bytes, counts: bytes) -> PixelStats:
+        flat = np.zeros(2 * n_bins, np.int64)
+        flat[np.frombuffer(cells, "<u4").astype(np.int64)] = np.frombuffer(counts, "<i8")
+        return cls(flat.reshape(2, n_bins))
+
 
 @dataclass(frozen=True)
 class PixelCL:
@@ -153,6 +171,21 @@ class PixelCL:
         ok = bins >= 0
         out[ok] = self.margin_lut[given[ok].astype(np.int64), bins[ok]]
         return out
+
+
+def fit_summary(model: PixelCL) -> np.ndarray:
+    """What a fit decides, in p(field) units: [t_background, t_field, the highest p(field) flagged on the
+    labeller's field side (0 = none), the lowest flagged on the background side (1 = none)]. ``carry_close``
+    compares these between a refit and the fit in use."""
+    c = bin_centres(model.n_bins)
+    on_field, on_background = c[model.flag_lut[FIELD]], c[model.flag_lut[BACKGROUND]]
+    return np.array(
+        [
+            *np.asarray(model.thresholds, float),
+            on_field.max() if on_field.size else 0.0,
+            on_background.min() if on_background.size else 1.0,
+        ]
+    )
 
 
 def fit_pixel_cl(stats: PixelStats, filter_by: str = "prune_by_noise_rate") -> PixelCL:

@@ -7,30 +7,44 @@
 2. Predict unlabelled sites with the final model; single-labeller sites get a second opinion (by default
    their out-of-sample probabilities, which never saw that labeller's polygons on that site).
 3. Vectorise every prediction; a polygon is ``kept`` when its confidence reaches its class threshold.
+
+Incremental reprocessing: the thresholds are keyed by (the model's key, parameters, code). With
+``reuse.refit`` False (the model was kept) and the same key, the previous version's thresholds are
+carried whatever ``reuse.enabled`` says: they were calibrated for that model; otherwise they are reused
+when the key is unchanged and recomputed when not. Each pseudo-labelled site is a unit keyed by what its
+probabilities come from: (the model's key, the site's tile key, its source, parameters, device, code), or
+for a single-labeller second opinion copied from the out-of-sample raster, that raster's key. A unit whose
+key is unchanged takes the previous version's raster (linked) and polygons; ``kept`` is re-applied to every
+polygon from the thresholds in use.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from schemas.catalog import Catalog
 from tasks.learn.model import load_checkpoint
 from tasks.learn.params import LearnParams, params_from_catalog
 from tasks.learn.run import (
+    CARD,
     CHECKPOINT,
+    MODEL_UNIT,
+    TRAIN_CODE,
     Inputs,
     LearnStageResult,
+    environment,
     folder_artifact,
     load_inputs,
+    predict_into,
     read_prob_raster,
-    write_prob_raster,
 )
-from tasks.learn.train import configure_threads, device_for, predict_sites
+from tasks.learn.train import configure_threads, device_for
 from tasks.learn.vectorise import (
     best_iou,
     choose_threshold,
@@ -40,12 +54,24 @@ from tasks.learn.vectorise import (
     precision_at,
     target_instances,
 )
-from tasks.store.artifacts import write_table
+from tasks.store.artifacts import file_hash, read_table, write_table
 from tasks.store.grid import SiteGrid
+from tasks.store.reuse import (
+    Reuse,
+    code_key,
+    content_key,
+    link_or_copy,
+    previous_rows,
+    read_keys,
+    reuse_counts,
+    write_keys,
+)
 
+STAGE = "pseudo_labels"
+THRESHOLDS_UNIT = "__thresholds__"  # the thresholds' key in reuse_keys/pseudo_labels
+PSEUDO_CODE = (*TRAIN_CODE, "tasks.learn.pseudo", "tasks.learn.vectorise")
 FIELD = "field"  # the one polygon class of the three-class (background/interior/boundary) model
 POLYGON_COLUMNS = ["polygon_id", "site_id", "class", "confidence", "source", "kept", "geometry", "crs"]
-CHUNK = 64  # sites read and predicted at a time: memory stays O(chunk)
 
 
 def site_polygons(site_id: str, grid: SiteGrid, prob: np.ndarray, params: LearnParams, source: str) -> list:
@@ -136,10 +162,24 @@ def choose_thresholds(
     return pd.DataFrame([row]), notes
 
 
-def pseudo_label_stage(catalog: Catalog, version_dir: Path, model_loader=None) -> LearnStageResult:
+def previous_thresholds(reuse: Reuse, uri: str, key: str) -> pd.DataFrame | None:
+    """The previous version's thresholds when they were computed under ``key`` (None otherwise)."""
+    prev = reuse.previous_keys(STAGE).get(THRESHOLDS_UNIT)
+    if prev is None or prev[0] != key or reuse.previous is None or not (reuse.previous / uri).exists():
+        return None
+    return read_table(reuse.previous / uri)
+
+
+def pseudo_label_stage(
+    catalog: Catalog, version_dir: Path, model_loader=None, reuse: Reuse | None = None
+) -> LearnStageResult:
+    reuse = reuse or Reuse()
     ds = catalog.datasets
     device, params = device_for(params_from_catalog(catalog))
     threads = configure_threads(params)
+    env = environment(device, threads)
+    code = code_key(*PSEUDO_CODE)
+    pdump = params.model_dump(mode="json")
     timings: dict[str, float] = {}
     notes: list[str] = []
     t0 = time.perf_counter()
@@ -147,53 +187,90 @@ def pseudo_label_stage(catalog: Catalog, version_dir: Path, model_loader=None) -
     oos_dir = version_dir / ds["oos_probabilities"].uri
     out_dir = version_dir / ds["pseudo_probabilities"].uri
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = version_dir / ds["model"].uri / CHECKPOINT
+    train_keys = read_keys(version_dir, "train")
+    model_key = None
+    if ckpt.exists():
+        model_key = train_keys[MODEL_UNIT][0] if MODEL_UNIT in train_keys else file_hash(ckpt)
 
-    evidence, n_targets = threshold_evidence(inp, oos_dir, params)
-    thresholds, thr_notes = choose_thresholds(evidence, n_targets, params)
-    notes += thr_notes
+    # ------------------------------------------------------------------------------------ thresholds
+    thr_key = content_key("thresholds", model_key, pdump, list(catalog.settings.reference_labellers), code)
+    thr_uri = ds["pseudo_label_thresholds"].uri
+    carried = previous_thresholds(reuse, thr_uri, thr_key) if (reuse.enabled or not reuse.refit) else None
+    if carried is not None:
+        thresholds = carried
+        notes.append(
+            "thresholds carried from the previous version: calibrated for the same model"
+            + (" (kept, refit=False)" if not reuse.refit else ", parameters and code")
+        )
+    else:
+        evidence, n_targets = threshold_evidence(inp, oos_dir, params)
+        thresholds, thr_notes = choose_thresholds(evidence, n_targets, params)
+        notes += thr_notes
     threshold = float(thresholds["threshold"].iloc[0])
     timings["thresholds"] = time.perf_counter() - t0
 
+    # --------------------------------------------------------------------------------- units, keys
     t1 = time.perf_counter()
     roles = dict(zip(inp.sites["site_id"], inp.sites["role"], strict=True))
     unlabelled = [s for s in inp.sites["site_id"] if roles[s] == "unlabelled" and s not in inp.refs]
     single = [s for s in inp.sites["site_id"] if roles[s] == "single" and s not in inp.refs]
-    ckpt = version_dir / ds["model"].uri / CHECKPOINT
-    to_predict = [(s, "unlabelled") for s in unlabelled]
-    rows: list[dict] = []
-    copied = 0
+    units: dict[str, tuple[str, str]] = {}  # site -> (polygon source, "oos" | "final")
+    for s in unlabelled:
+        units[s] = ("unlabelled", "final")
     for s in single:
-        if params.second_opinion == "oos" and (oos_dir / f"{s}.tif").exists():
-            shutil.copyfile(oos_dir / f"{s}.tif", out_dir / f"{s}.tif")
-            rows += site_polygons(
-                s, inp.grids[s], read_prob_raster(out_dir / f"{s}.tif"), params, "single_second_opinion"
-            )
-            copied += 1
+        oos = params.second_opinion == "oos" and (oos_dir / f"{s}.tif").exists()
+        units[s] = ("single_second_opinion", "oos" if oos else "final")
+    finals = [s for s, (_, how) in units.items() if how == "final"]
+    if finals and model_key is None:
+        notes.append(f"no trained model in this version: {len(finals)} site(s) get no pseudo-labels")
+        units = {s: u for s, u in units.items() if u[1] == "oos"}
+    no_imagery = sorted(s for s, (_, how) in units.items() if how == "final" and inp.scene_path(s) is None)
+    units = {s: u for s, u in units.items() if s not in no_imagery}
+    keys = {}
+    for s, (src, how) in units.items():
+        if how == "oos":
+            rec = train_keys.get(s)
+            oos = rec[0] if rec is not None else file_hash(oos_dir / f"{s}.tif")
+            keys[s] = content_key("pseudo", "oos", src, oos, pdump, code)
         else:
-            to_predict.append((s, "single_second_opinion"))
-    no_imagery, empty, predicted = [], [], 0
-    if to_predict and not ckpt.exists():
-        notes.append(f"no trained model in this version: {len(to_predict)} site(s) get no pseudo-labels")
-        to_predict = []
-    if to_predict:
-        model, card = (model_loader or load_checkpoint)(ckpt, device)
+            keys[s] = content_key("pseudo", "final", src, model_key, inp.tile_key(s), pdump, env, code)
+
+    # ------------------------------------------------------------------ reuse, copy, predict, vectorise
+    prev_out = reuse.previous / ds["pseudo_probabilities"].uri if reuse.previous else None
+    reused = {
+        s for s in reuse.reusable(STAGE, keys) if prev_out is not None and (prev_out / f"{s}.tif").exists()
+    }
+    for s in sorted(reused):
+        link_or_copy(prev_out / f"{s}.tif", out_dir / f"{s}.tif")
+    frames = []
+    try:
+        prev_rows = previous_rows(reuse, ds["pseudo_labels"].uri, reused)
+    except pa.ArrowTypeError:  # an empty table written with untyped (null) columns: no rows to take
+        prev_rows = None
+    if prev_rows is not None and len(prev_rows):
+        prev_rows = prev_rows.assign(crs=[inp.grids[s].crs for s in prev_rows["site_id"]])
+        frames.append(prev_rows[[c for c in POLYGON_COLUMNS if c != "kept"]])
+    rows: list[dict] = []
+    copied = [s for s, (_, how) in units.items() if how == "oos" and s not in reused]
+    for s in copied:
+        link_or_copy(oos_dir / f"{s}.tif", out_dir / f"{s}.tif")
+        rows += site_polygons(s, inp.grids[s], read_prob_raster(out_dir / f"{s}.tif"), params, units[s][0])
+    todo = {s: CHECKPOINT for s, (_, how) in units.items() if how == "final" and s not in reused}
+    empty: list[str] = []
+
+    def vectorise(px, prob):
+        if not px.valid.any():
+            empty.append(px.site_id)
+        rows.extend(site_polygons(px.site_id, px.grid, prob, params, units[px.site_id][0]))
+
+    if todo:
+        # the model's own normalisation (a kept model keeps the statistics it was trained with)
+        card = json.loads((ckpt.parent / CARD).read_text(encoding="utf-8"))
         mean = np.asarray(card["normalisation"]["mean"], np.float32)
         std = np.asarray(card["normalisation"]["std"], np.float32)
-        for i in range(0, len(to_predict), CHUNK):
-            chunk = []
-            for s, src in to_predict[i : i + CHUNK]:
-                px = inp.pixels(s, mean, std)
-                if px is None:
-                    no_imagery.append(s)
-                else:
-                    chunk.append((s, src, px))
-            probs = predict_sites(model, [c[2].x for c in chunk], [c[2].valid for c in chunk], params, device)
-            for (s, src, px), prob in zip(chunk, probs, strict=True):
-                write_prob_raster(out_dir / f"{s}.tif", inp.grids[s], prob)
-                if not px.valid.any():
-                    empty.append(s)
-                rows += site_polygons(s, inp.grids[s], prob, params, src)
-                predicted += 1
+        loader = model_loader or load_checkpoint
+        predict_into(todo, ckpt.parent, out_dir, inp, mean, std, params, device, loader, vectorise)
     if no_imagery:
         notes.append(f"sites without imagery (no pseudo-labels): {', '.join(no_imagery)}")
     if empty:
@@ -203,22 +280,30 @@ def pseudo_label_stage(catalog: Catalog, version_dir: Path, model_loader=None) -
     timings["predict_and_vectorise"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    labels = pd.DataFrame(rows, columns=[c for c in POLYGON_COLUMNS if c != "kept"])
+    fresh = pd.DataFrame(rows, columns=[c for c in POLYGON_COLUMNS if c != "kept"])
+    parts = [f for f in [*frames, fresh] if len(f)]
+    labels = pd.concat(parts, ignore_index=True) if parts else fresh
     labels["confidence"] = labels["confidence"].astype(float)  # typed even without rows
+    for c in ("polygon_id", "site_id", "class", "source", "crs"):  # (an empty table's filters need types)
+        labels[c] = labels[c].astype(str)
     labels["kept"] = labels["confidence"].to_numpy() >= threshold
-    labels = labels[POLYGON_COLUMNS]
+    labels = labels[POLYGON_COLUMNS].sort_values("polygon_id", kind="stable").reset_index(drop=True)
+    thr_reused = {THRESHOLDS_UNIT} if carried is not None else set()
     artifacts = {
         "pseudo_probabilities": folder_artifact(out_dir, ds["pseudo_probabilities"].uri),
         "pseudo_labels": write_table("pseudo_labels", labels, version_dir / ds["pseudo_labels"].uri),
-        "pseudo_label_thresholds": write_table(
-            "pseudo_label_thresholds", thresholds, version_dir / ds["pseudo_label_thresholds"].uri
+        "pseudo_label_thresholds": write_table("pseudo_label_thresholds", thresholds, version_dir / thr_uri),
+        f"reuse_keys/{STAGE}": write_keys(
+            version_dir, STAGE, {**keys, THRESHOLDS_UNIT: thr_key}, reused | thr_reused, reuse
         ),
     }
     timings["write"] = time.perf_counter() - t2
     counts = {
-        "pseudo_sites": predicted + copied,
+        "pseudo_sites": len(units),
         "pseudo_polygons": len(labels),
         "pseudo_polygons_kept": int(labels["kept"].sum()),
+        "pseudo_thresholds_computed": int(carried is None),
+        **reuse_counts(STAGE, len(units), len(reused)),
     }
     return LearnStageResult(
         artifacts, timings, counts, notes, {"device": device.type, "torch_threads": threads}

@@ -16,6 +16,7 @@ from prefect import task
 
 from schemas.catalog import load_catalog
 from tasks.store.errors import retry_on_transient_io
+from tasks.store.reuse import Reuse
 
 _MODELS: dict[tuple[str, int, str], tuple] = {}
 _LOCK = threading.Lock()
@@ -44,20 +45,27 @@ def _worker_address() -> str | None:
 
 
 @task(name="train", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_transient_io)
-def train_task(catalog_path: str, version_dir: str, upstream: dict | None = None) -> dict:
-    """K-fold out-of-sample probabilities and the final model, into the version draft ``version_dir``."""
+def train_task(
+    catalog_path: str, version_dir: str, upstream: dict | None = None, reuse: Reuse | None = None
+) -> dict:
+    """K-fold out-of-sample probabilities and the final model, into the version draft ``version_dir``
+    (trained, reused or kept per ``reuse``: see ``tasks.learn.run``)."""
     from tasks.learn.run import run_train_stage
 
-    result = run_train_stage(load_catalog(catalog_path), version_dir)
+    result = run_train_stage(load_catalog(catalog_path), version_dir, reuse=reuse)
     result.placement["worker"] = _worker_address()
     return asdict(result)
 
 
 @task(name="pseudo_labels", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_transient_io)
-def pseudo_labels_task(catalog_path: str, version_dir: str, upstream: dict | None = None) -> dict:
+def pseudo_labels_task(
+    catalog_path: str, version_dir: str, upstream: dict | None = None, reuse: Reuse | None = None
+) -> dict:
     """Thresholds, pseudo-label probabilities and polygons (after ``train_task`` wrote the model)."""
     from tasks.learn.run import run_pseudo_label_stage
 
-    result = run_pseudo_label_stage(load_catalog(catalog_path), version_dir, model_loader=cached_model)
+    result = run_pseudo_label_stage(
+        load_catalog(catalog_path), version_dir, model_loader=cached_model, reuse=reuse
+    )
     result.placement["worker"] = _worker_address()
     return asdict(result)

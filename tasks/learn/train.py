@@ -18,6 +18,7 @@ from tasks.learn.model import (
     CLASSES,
     ModelConfig,
     UNet,
+    load_checkpoint,
     pick_device,
     predict,
     seed_everything,
@@ -143,15 +144,24 @@ def fit(examples: list[Example], params: LearnParams, seed: int, device) -> tupl
 
 
 def predict_sites(model: UNet, xs: list[np.ndarray], valids: list[np.ndarray], params: LearnParams, device):
-    """Probabilities (3, H, W) per tile, NaN where the input is nodata or cloud; equal-size tiles batch."""
+    """Probabilities (3, H, W) per tile, NaN where the input is nodata or cloud; equal-size tiles batch.
+
+    Every batch is padded with zero tiles to ``infer_batch_size``: kernels may pick another algorithm
+    (and round differently) for another batch size, and a tile's probabilities must not depend on which
+    tiles it was predicted with, so that a reused raster equals a recomputed one bit for bit.
+    """
     out: list[np.ndarray | None] = [None] * len(xs)
     by_shape: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
         by_shape.setdefault(x.shape, []).append(i)
     for idx in by_shape.values():
+        tiles = np.stack([xs[i] for i in idx])
+        pad = (-len(idx)) % params.infer_batch_size
+        if pad:
+            tiles = np.concatenate([tiles, np.zeros((pad, *tiles.shape[1:]), tiles.dtype)])
         prob = predict(
             model,
-            np.stack([xs[i] for i in idx]),
+            tiles,
             batch_size=params.infer_batch_size,
             device=device,
             bf16=params.bf16,
@@ -184,3 +194,12 @@ def pixel_metrics(probs: list[np.ndarray], examples: list[Example]) -> dict:
 def device_for(params: LearnParams) -> tuple:
     device = pick_device(params.device)
     return device, params.for_device(device.type == "cuda")
+
+
+def load_for_inference(path, device, params: LearnParams) -> tuple[UNet, dict]:
+    """A checkpoint as ``fit`` left the network (device, memory format), so that its predictions equal
+    those made right after training."""
+    model, card = load_checkpoint(path, device)
+    if params.channels_last and device.type == "cuda":
+        model = to_channels_last(model)
+    return model, card
