@@ -35,7 +35,7 @@ def _child(catalog: str, version_dir: str) -> None:
     print(json.dumps({"wall_s": wall, "peak_mib": peak_mib, "timings": res.timings, "counts": res.counts}))
 
 
-def _prepare(root: Path, scale: int) -> tuple[str, str]:
+def _prepare(root: Path, scale: int, batch_size: int) -> tuple[str, str]:
     from schemas.catalog import load_catalog
     from tasks.demo import generate_demo_region
     from tasks.ingest.stage import run_ingest
@@ -43,6 +43,7 @@ def _prepare(root: Path, scale: int) -> tuple[str, str]:
     generate_demo_region(root, scale=scale, seed=0, sites_per_side=8)
     cat = yaml.safe_load((REPO / "data_catalog.yaml").read_text())
     cat["root"] = "."
+    cat["settings"]["ingest"]["batch_size"] = batch_size
     (root / "data_catalog.yaml").write_text(yaml.safe_dump(cat, sort_keys=False))
     vdir = root / "version"
     run_ingest(load_catalog(root / "data_catalog.yaml"), vdir)
@@ -52,6 +53,13 @@ def _prepare(root: Path, scale: int) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="Sites per batch; small enough that every scale has more batches than threads, so each "
+        "scale holds the same number of batches in memory at once (with one batch, 1x would hold less).",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -60,7 +68,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.scales:
-            catalog, vdir = _prepare(Path(tmp) / f"x{scale}", scale)
+            catalog, vdir = _prepare(Path(tmp) / f"x{scale}", scale, args.batch_size)
             cmd = [sys.executable, __file__, "--child", catalog, vdir]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])

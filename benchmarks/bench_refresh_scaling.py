@@ -25,7 +25,8 @@ from benchmarks.common import TreeMemory, demo_region, machine  # noqa: E402
 
 
 def run_refresh(catalog: Path, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "flows.cli", "refresh", "--catalog", str(catalog), "--full"]
+    cli = str(Path(sys.executable).parent / "labelrefinery")  # the installed entry point
+    cmd = [cli, "refresh", "--catalog", str(catalog), "--full"]
     cmd += ["--workers", str(workers)]
     log = catalog.parent / f"refresh_w{workers}.log"
     with open(log, "wb") as fh:

@@ -9,36 +9,20 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
-from flows.runtime import configure_environment
-from schemas.catalog import CatalogError, load_catalog
-from schemas.tables import SchemaViolation
-from tasks.store.errors import InputError
-from tasks.store.versions import RefreshLocked, VersionStore
+from flows.cli_common import (
+    DEFAULT_CATALOG,
+    USER_ERRORS,
+    CatalogOpt,
+    console,
+    fail,
+    load_catalog_or_exit,
+    print_published,
+)
+from tasks.store.versions import VersionStore
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-console = Console()
-err = Console(stderr=True)
-
-DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "data_catalog.yaml"
-CatalogOpt = typer.Option(DEFAULT_CATALOG, "--catalog", "-c", help="Path to a data_catalog.yaml.")
-USER_ERRORS = (InputError, CatalogError, SchemaViolation, RefreshLocked)
-
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _load(catalog: Path):
-    try:
-        cat = load_catalog(catalog)
-    except CatalogError as exc:
-        _fail(exc)
-    configure_environment(cat.root_path)
-    return cat
 
 
 def _refresh(
@@ -49,7 +33,7 @@ def _refresh(
     reuse: bool = True,
     refit: bool = True,
 ) -> dict:
-    cat = _load(catalog)
+    cat = load_catalog_or_exit(catalog)
     from flows.refresh import run_refresh
 
     try:
@@ -63,19 +47,7 @@ def _refresh(
                 refit=refit,
             )
     except USER_ERRORS as exc:
-        _fail(exc)
-
-
-def _print_published(result: dict, root: Path) -> None:
-    console.print(f"[bold green]published version[/] {result['version_id']}")
-    console.print(f"  artifacts: {result['path']}")
-    console.print(f"  manifest:  {Path(result['path']) / 'manifest.json'}")
-    counts = ", ".join(f"{k}={v}" for k, v in result["counts"].items())
-    console.print(f"  counts:    {counts}")
-    console.print(f"  versions:  labelrefinery versions --catalog {root / 'data_catalog.yaml'}")
-    if result.get("report"):
-        console.print(f"  report:    {result['report']}")
-        console.print(f"  browse:    labelrefinery serve --catalog {root / 'data_catalog.yaml'}")
+        fail(exc)
 
 
 @app.command()
@@ -109,7 +81,7 @@ def demo(
         return
     t0 = time.perf_counter()
     result = _refresh(root / "data_catalog.yaml", None, None, 0.0)
-    _print_published(result, root)
+    print_published(result, root)
     console.print(f"  refresh took {time.perf_counter() - t0:.1f} s")
 
 
@@ -128,7 +100,7 @@ def refresh(
 ) -> None:
     """Run every stage on the catalog's inputs and publish a new version."""
     result = _refresh(catalog, dask_address, workers, wait, reuse=not full, refit=refit)
-    _print_published(result, Path(result["path"]).parents[1])
+    print_published(result, Path(result["path"]).parents[1])
 
 
 @app.command()
@@ -138,13 +110,13 @@ def ingest(catalog: Path = CatalogOpt) -> None:
 
     from tasks.ingest.stage import run_ingest
 
-    cat = _load(catalog)
+    cat = load_catalog_or_exit(catalog)
     with tempfile.TemporaryDirectory(prefix="labelrefinery-ingest-") as tmp:
         try:
             with console.status("ingesting…"):
                 result = run_ingest(cat, tmp)
         except USER_ERRORS as exc:
-            _fail(exc)
+            fail(exc)
     table = Table(title=f"ingest of {cat.name}: inputs valid")
     table.add_column("artifact")
     table.add_column("rows", justify="right")
@@ -157,7 +129,7 @@ def ingest(catalog: Path = CatalogOpt) -> None:
 @app.command()
 def versions(catalog: Path = CatalogOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """List published versions, newest last, with a manifest summary each."""
-    cat = _load(catalog)
+    cat = load_catalog_or_exit(catalog)
     store = VersionStore(cat.root_path)
     latest = store.latest_id()
     rows = []

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from flows.cli import USER_ERRORS, CatalogOpt, _fail, _load, _print_published, console, err
+from flows.cli_common import (
+    USER_ERRORS,
+    CatalogOpt,
+    console,
+    err,
+    fail,
+    load_catalog_or_exit,
+    print_published,
+)
 
 
 def _require_server() -> str:
@@ -30,7 +38,7 @@ def deploy(
     watcher: bool = typer.Option(True, help="Also serve the scheduled label watcher."),
 ) -> None:
     """Register and serve the nightly-refresh, reprocess (label-triggered) and watch-labels deployments."""
-    cat = _load(catalog)
+    cat = load_catalog_or_exit(catalog)
     url = _require_server()
     from flows.operations import serve_deployments
 
@@ -50,14 +58,14 @@ def watch(
     once: bool = typer.Option(False, help="Check once and exit (for cron or tests)."),
 ) -> None:
     """Announce label changes since the last published version as Prefect events."""
-    cat = _load(catalog)
+    cat = load_catalog_or_exit(catalog)
     _require_server()
     from flows.watch import watch as watch_loop
 
     try:
         result = watch_loop(cat, once=once, report=console.print)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"watch: {result.status}")
 
 
@@ -66,7 +74,7 @@ def reprocess(
     dask_address: str = typer.Option(None, help="Existing Dask scheduler, e.g. tcp://127.0.0.1:8786."),
 ) -> None:
     """Recompute only what depends on the labels changed since the last published version."""
-    _load(catalog)
+    load_catalog_or_exit(catalog)
     from flows.operations import reprocess as reprocess_flow
     from flows.runtime import prefect_api
 
@@ -74,12 +82,12 @@ def reprocess(
         with prefect_api(), console.status("reprocessing changed sites…"):
             result = reprocess_flow(str(catalog.resolve()), dask_address)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     if result.get("skipped"):
         console.print(f"labels unchanged since version {result['version_id']}: nothing published")
         return
     console.print(f"{len(result['changed_sites'])} changed site(s)")
-    _print_published(result, Path(result["path"]).parents[1])
+    print_published(result, Path(result["path"]).parents[1])
 
 
 def register(app: typer.Typer) -> None:

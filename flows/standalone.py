@@ -19,7 +19,7 @@ from tasks.consensus.items import run_item_consensus
 from tasks.learn.item_issues import run_find_label_issues
 
 
-def _fail(err: Exception) -> typer.Exit:
+def fail(err: Exception) -> typer.Exit:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
@@ -39,7 +39,7 @@ def item_consensus(
     try:
         res = run_item_consensus(labels, gold_path=gold, method=method, out_path=out)
     except ValueError as err:  # InputError is a ValueError
-        raise _fail(err) from None
+        raise fail(err) from None
     console = Console()
     items = res.items
     console.print(
@@ -74,7 +74,7 @@ def find_label_issues(
     try:
         res = run_find_label_issues(labels, pred_probs, out_path=out)
     except ValueError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     n_issues = int(res["is_issue"].sum())
     Console().print(
         f"[bold]{n_issues}[/] of {len(res)} images flagged ({n_issues / len(res):.2%})"
