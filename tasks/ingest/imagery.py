@@ -1,14 +1,19 @@
 """Imagery → site grids and the ``tiles`` table.
 
-Scenes are opened lazily as Dask-chunked xarray (rioxarray); each site tile is a slice of that array,
-so a batch's graph reads every COG block it needs once and nothing loads a whole scene.
+Pixels are read with rasterio windowed reads inside Dask tasks, one task per scene (or per run of its
+tiles): each sweeps its scene in block-aligned strips and cuts every site window out of them, so every
+block is decoded once and nothing loads a whole scene (see ``tasks.ingest.pixels`` for why this path
+uses no Dask-chunked xarray).
 """
 
 from __future__ import annotations
 
 import glob
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -16,12 +21,12 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
-import rioxarray
 from pyproj import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window, from_bounds
 from shapely.geometry import box
 
+from tasks.ingest.pixels import SceneTiles, is_read_error, sweep
 from tasks.store.artifacts import bytes_hash, file_hash
 from tasks.store.errors import InputError
 from tasks.store.reuse import code_key, content_key
@@ -43,6 +48,7 @@ class Scene:
     nodata: float | None
     band_names: tuple[str, ...]
     file_hash: str
+    block_shape: tuple[int, int] = (1, 1)  # (rows, cols) of the file's first band's blocks
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -96,6 +102,7 @@ def open_scene(
                 nodata=src.nodata,
                 band_names=names,
                 file_hash="",
+                block_shape=tuple(src.block_shapes[0]),
             )
     except RasterioIOError as exc:
         raise InputError(path, f"not a readable GeoTIFF: {exc}") from None
@@ -170,85 +177,172 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
 
 
-def _hist_summary(flat: np.ndarray, keep: np.ndarray, n_keep: int, offset: int) -> tuple:
-    """Mean, std and PERCENTILES of every band of ``flat[:, keep]`` (integer pixels, bands x n).
+class _Scratch(threading.local):
+    """Per-thread buffers of the tile statistics, reused from tile to tile.
+
+    A Dask worker process runs with ``MALLOC_TRIM_THRESHOLD_`` set (``distributed.nanny.pre-spawn-environ``),
+    so glibc hands every large freed block back to the OS and each fresh array costs a page fault per
+    4 KiB: with a tile's temporaries allocated anew, the tiles of the demo region took 0.15 s of kernel
+    time there on top of 0.3 s of work. Tiles larger than ``_SCRATCH_MAX`` pixels x bands get fresh arrays.
+    """
+
+    def __init__(self) -> None:
+        self.cap = self.px = self.ramp_len = 0
+
+    def masks(self, bands: int, n: int) -> tuple[np.ndarray, ...]:
+        """(hits: bool bands x n, nodata, bright, drop: bool n, mean: float32 n, index: intp n)."""
+        if bands * n > _SCRATCH_MAX:
+            return (np.empty((bands, n), bool), *(np.empty(n, bool) for _ in range(3))) + (
+                np.empty(n, np.float32),
+                np.empty(n, np.intp),
+            )
+        if bands * n > self.cap:
+            self.cap = bands * n
+            self.hits = np.empty(self.cap, bool)
+        if n > self.px:
+            self.px = n
+            self.bools = np.empty((3, n), bool)
+            self.f32 = np.empty(n, np.float32)
+            self.idx = np.empty(n, np.intp)
+        b = self.bools
+        return (
+            self.hits[: bands * n].reshape(bands, n),
+            b[0, :n],
+            b[1, :n],
+            b[2, :n],
+            self.f32[:n],
+            self.idx[:n],
+        )
+
+    def ramp(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(0..size-1, their squares: int64; an int64 buffer of ``size``)."""
+        if size > self.ramp_len:
+            self.ramp_len = max(size, 2 * self.ramp_len)
+            self.v = np.arange(self.ramp_len, dtype=np.int64)
+            self.v2 = self.v * self.v
+            self.cum = np.empty(self.ramp_len, np.int64)
+        return self.v[:size], self.v2[:size], self.cum[:size]
+
+
+_SCRATCH_MAX = 1 << 24
+_SCRATCH = _Scratch()
+
+
+def _hist_summary(
+    flat: np.ndarray, drop: np.ndarray | None, n_keep: int, offset: int, idx: np.ndarray
+) -> tuple:
+    """Mean, std and PERCENTILES of every band of ``flat[:, ~drop]`` (integer pixels, bands x n).
 
     From one exact histogram per band instead of a float64 copy and a partition. The mean is the same
     correctly rounded quotient as numpy's; the std is the correctly rounded population std (numpy's
     differs from it by summation round-off, ~1e-16 relative); the percentiles are np.percentile's default
     'linear' method to the bit: same virtual indexes, same order statistics, same interpolation.
+    ``idx`` is an intp buffer of n: each band is cast into it, so ``np.bincount`` makes no copy of its own.
     """
     bands, n = flat.shape
-    if offset:
-        flat = flat.astype(np.int32) + offset
-    size = int(flat.max()) + 1
-    hist = np.empty((bands, size), np.int64)
-    if n_keep == n:
-        for b in range(bands):
-            hist[b] = np.bincount(flat[b], minlength=size)
-    elif 2 * n_keep >= n:  # few pixels dropped: histogram everything, subtract the dropped ones
-        drop = flat.compress(~keep, axis=1)
-        for b in range(bands):
-            hist[b] = np.bincount(flat[b], minlength=size) - np.bincount(drop[b], minlength=size)
-    else:
-        kept = flat.compress(keep, axis=1)
-        for b in range(bands):
-            hist[b] = np.bincount(kept[b], minlength=size)
-    v = np.arange(size, dtype=np.int64)
-    s1, s2 = (hist @ v).tolist(), (hist @ (v * v)).tolist()  # exact: n_keep < 2**31 (caller)
     m = n_keep
-    mean = [(s - offset * m) / m for s in s1]  # Python int / int: correctly rounded
-    std = [float(np.sqrt((m * q - s * s) / (m * m))) for s, q in zip(s1, s2, strict=True)]
+    n_drop = n - m
     vi = (m - 1) * _Q
     prev = np.floor(vi)
     above = vi >= m - 1
     ks = np.concatenate([np.where(above, m - 1, prev), np.where(above, m - 1, prev + 1)]).astype(np.int64)
     gamma = vi - np.where(above, -1, prev)
-    cum = np.cumsum(hist, axis=1)
-    order = np.array([np.searchsorted(cum[b], ks, side="right") for b in range(bands)], np.float64) - offset
+    # Few pixels dropped: histogram all of them, subtract the dropped ones; most dropped: the kept ones.
+    few = 2 * n_drop <= n
+    part = np.compress(drop, flat, axis=1) if n_drop and few else None
+    if not few:
+        flat = np.compress(~drop, flat, axis=1)
+    s1, s2, orders = [], [], []
+    for b in range(bands):
+        if few:
+            np.copyto(idx, flat[b], casting="unsafe")  # exact: every value of these dtypes fits intp
+            if offset:
+                idx += offset
+            hist = np.bincount(idx)
+            if part is not None:
+                dropped = np.bincount(part[b].astype(np.intp) + offset)
+                hist[: len(dropped)] -= dropped
+        else:
+            hist = np.bincount(flat[b].astype(np.intp) + offset)
+        v, v2, cum = _SCRATCH.ramp(len(hist))
+        s1.append(int(hist @ v))  # exact: n_keep < 2**31 (caller)
+        s2.append(int(hist @ v2))
+        orders.append(np.searchsorted(np.cumsum(hist, out=cum), ks, side="right"))
+    mean = [(s - offset * m) / m for s in s1]  # Python int / int: correctly rounded
+    std = [float(np.sqrt((m * q - s * s) / (m * m))) for s, q in zip(s1, s2, strict=True)]
+    order = np.array(orders, np.float64) - offset
     k = len(gamma)
     return mean, std, _lerp(order[:, :k].T, order[:, k:].T, gamma[:, None])
+
+
+def _nodata_value(nodata: float, dtype: np.dtype):
+    """``nodata`` as a scalar of an integer ``dtype`` (None: no pixel can equal it); floats unchanged."""
+    if dtype.kind not in "ui":
+        return nodata
+    info = np.iinfo(dtype)
+    f = float(nodata)
+    return dtype.type(int(f)) if f.is_integer() and info.min <= f <= info.max else None
 
 
 def _stats(
     arr: np.ndarray, nodata: float | None, vis_idx: list[int], cloud_dn: float, pad=((0, 0), (0, 0))
 ) -> dict:
-    """Band statistics of one tile (bands, y, x); ``pad`` rows/columns lie outside the scene (no data)."""
+    """Band statistics of one tile (bands, y, x); ``pad`` rows/columns lie outside the scene (no data).
+
+    A pixel is nodata where any band equals ``nodata`` (or is NaN for a NaN nodata) or where it lies in
+    the padding; cloud where it is data and the float32 mean of the visible bands exceeds ``cloud_dn``;
+    valid otherwise. The per-band statistics are of the valid pixels.
+    """
     arr = np.ascontiguousarray(arr)
-    bands = arr.shape[0]
-    if nodata is None:
-        data_mask = np.ones(arr.shape[1:], bool)
-    elif np.isnan(nodata):
-        data_mask = ~np.isnan(arr).any(axis=0)
-    else:
-        data_mask = ~(arr == nodata).any(axis=0)
+    bands, h, w = arr.shape
+    n = h * w
+    flat = arr.reshape(bands, n)
+    hits, nod_buf, bright_buf, drop_buf, mean32, idx = _SCRATCH.masks(bands, n)
+    nod = None
+    if nodata is not None and np.isnan(nodata):
+        if flat.dtype.kind == "f":
+            nod = np.logical_or.reduce(np.isnan(flat, out=hits), axis=0, out=nod_buf)
+    elif nodata is not None and (value := _nodata_value(nodata, flat.dtype)) is not None:
+        # == (arr == nodata).any(axis=0); integer pixels compared as integers, not cast to float64
+        if value == 0 and flat.dtype.kind == "u":  # some band is 0 where the bands' minimum is
+            low = np.minimum.reduce(flat, axis=0, out=idx.view(flat.dtype)[:n])
+            nod = np.equal(low, 0, out=nod_buf)
+        else:
+            nod = np.logical_or.reduce(np.equal(flat, value, out=hits), axis=0, out=nod_buf)
     (top, bottom), (left, right) = pad
     if top or bottom or left or right:  # the fill is not nodata when the scene declares no nodata value
-        inside = np.zeros_like(data_mask)
-        inside[top : arr.shape[1] - bottom, left : arr.shape[2] - right] = True
-        data_mask &= inside
-    if vis_idx:  # == arr[vis_idx].astype(np.float32).mean(axis=0), without the float32 copy
-        vis_mean = np.add.reduce(arr[vis_idx], axis=0, dtype=np.float32) / np.float32(len(vis_idx))
-        cloud = data_mask & (vis_mean > cloud_dn)
+        if nod is None:
+            nod = nod_buf
+            nod.fill(False)
+        grid = nod.reshape(h, w)
+        grid[:top] = grid[h - bottom :] = True
+        grid[:, :left] = grid[:, w - right :] = True
+    bright = None
+    if vis_idx:  # == arr[vis_idx].astype(np.float32).mean(axis=0) > cloud_dn, without the copies
+        lo, hi = vis_idx[0], vis_idx[-1] + 1
+        vis = flat[lo:hi] if list(vis_idx) == list(range(lo, hi)) else flat[vis_idx]
+        np.add.reduce(vis, axis=0, dtype=np.float32, out=mean32)
+        np.divide(mean32, np.float32(len(vis_idx)), out=mean32)
+        bright = np.greater(mean32, cloud_dn, out=bright_buf)
+    if nod is not None and bright is not None:
+        drop = np.logical_or(nod, bright, out=drop_buf)  # nodata, or data and cloud
     else:
-        cloud = np.zeros_like(data_mask)
-    valid = data_mask & ~cloud
-    n = arr.shape[1] * arr.shape[2]
-    n_data = int(data_mask.sum())
+        drop = nod if nod is not None else bright
+    n_nodata = int(np.count_nonzero(nod)) if nod is not None else 0
+    n_drop = int(np.count_nonzero(drop)) if drop is not None else 0
+    n_data, n_cloud, n_valid = n - n_nodata, n_drop - n_nodata, n - n_drop
     out = {
         "nodata_fraction": 1.0 - n_data / n,
-        "cloud_fraction": float(cloud.sum() / n_data) if n_data else 0.0,
-        "valid_fraction": float(valid.sum() / n),
-        "content_hash": bytes_hash(arr.reshape(-1).view(np.uint8), str(arr.shape).encode()),
+        "cloud_fraction": n_cloud / n_data if n_data else 0.0,
+        "valid_fraction": n_valid / n,
+        "content_hash": bytes_hash(flat.reshape(-1).view(np.uint8), str(arr.shape).encode()),
     }
-    n_valid = int(np.count_nonzero(valid))
     if n_valid:
-        flat, keep = arr.reshape(bands, -1), valid.reshape(-1)
         offset = _HIST_OFFSET.get(arr.dtype.name)
         if offset is not None and n_valid < 2**31:
-            mean, std, q = _hist_summary(flat, keep, n_valid, offset)
+            mean, std, q = _hist_summary(flat, drop, n_valid, offset, idx)
         else:
-            px = arr[:, valid].astype(np.float64)
+            px = (flat if drop is None else flat[:, ~drop]).astype(np.float64)
             q = np.percentile(px, PERCENTILES, axis=1)
             mean, std = px.mean(axis=1).tolist(), px.std(axis=1).tolist()
         out.update(mean=mean, std=std)
@@ -259,59 +353,11 @@ def _stats(
     return out
 
 
-def _padded(tile: np.ndarray, pad: tuple, fill: float) -> np.ndarray:
-    if any(any(p) for p in pad):
-        return np.pad(tile, ((0, 0), *pad), constant_values=fill)
-    return tile
-
-
 def cloud_dn(dtype: str, threshold: float | None) -> float:
     """DN above which the visible-band mean counts as cloud: explicit, or a default per dtype."""
     if threshold is not None:
         return float(threshold)
     return 220.0 if dtype == "uint8" else 0.45 if dtype.startswith("float") else 4500.0
-
-
-# A scene's Dask chunks: whole COG blocks, about this many rows x cols, all bands in one chunk.
-_CHUNK_ROWS = 256
-_CHUNK_COLS = 2048
-
-
-def _whole_blocks(target: int, block: int, size: int) -> int:
-    """``target`` rounded up to whole blocks, at most the scene size."""
-    return min(max(block, -(-target // block) * block), size)
-
-
-def _tile_from_chunks(chunks: list[list[np.ndarray]], row_edges, col_edges, r0, r1, c0, c1) -> np.ndarray:
-    """Rows r0:r1, cols c0:c1 of the mosaic of ``chunks`` (a view when one chunk holds them)."""
-    first = chunks[0][0]
-    if r1 <= r0 or c1 <= c0:  # as an empty slice of the scene array
-        return np.empty((first.shape[0], max(r1 - r0, 0), max(c1 - c0, 0)), first.dtype)
-    i0, i1 = np.searchsorted(row_edges, [r0, r1 - 1], side="right") - 1
-    j0, j1 = np.searchsorted(col_edges, [c0, c1 - 1], side="right") - 1
-    rows = []
-    for i in range(i0, i1 + 1):
-        ys = slice(max(r0, row_edges[i]) - row_edges[i], min(r1, row_edges[i + 1]) - row_edges[i])
-        parts = []
-        for j in range(j0, j1 + 1):
-            xs = slice(max(c0, col_edges[j]) - col_edges[j], min(c1, col_edges[j + 1]) - col_edges[j])
-            parts.append(chunks[i][j][:, ys, xs])
-        rows.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2))
-    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1)
-
-
-def _group_stats(chunks, row_edges, col_edges, tiles, nodata, vis_idx, dn) -> list[dict]:
-    """Statistics of the tiles cut from a few neighbouring chunks: one Dask task per group of tiles."""
-    return [
-        _stats(
-            _padded(_tile_from_chunks(chunks, row_edges, col_edges, *win), pad, fill),
-            nodata,
-            vis_idx,
-            dn,
-            pad,
-        )
-        for win, pad, fill in tiles
-    ]
 
 
 # The columns ``tile_stats`` computes from pixels (in its order); the rest of a row comes from ``pairs``.
@@ -357,84 +403,94 @@ def tile_keys(pairs: pd.DataFrame, scenes: dict[str, Scene], cloud_threshold: fl
     return keys
 
 
+# Tiles per Dask task at most: a scene with more is swept by several tasks, one per run of its tiles in
+# row order (they decode the block rows between their runs twice, but spread over the workers).
+SECTION_TILES = 128
+
+
+def scene_tasks(pairs: pd.DataFrame, scenes: dict[str, Scene]) -> list[tuple[SceneTiles, list[int]]]:
+    """The Dask tasks of ``tile_stats``: per scene, its tiles in row order, in runs of at most
+    ``SECTION_TILES``; each with the positions in ``pairs`` of its windows."""
+    out = []
+    for scene_id, rows in pairs.groupby("scene_id", sort=False).indices.items():
+        sc = scenes[scene_id]
+        part = pairs.iloc[rows]
+        ro, co = part["row_off"].to_numpy(), part["col_off"].to_numpy()
+        order = np.lexsort((co, ro))  # by row, then column: neighbours share strips
+        n_sections = -(-len(order) // SECTION_TILES)
+        for sec in np.array_split(order, n_sections):
+            sub = part.iloc[sec]
+            job = SceneTiles(
+                path=sc.path,
+                height=sc.height,
+                width=sc.width,
+                count=sc.count,
+                dtype=sc.dtype,
+                block_h=sc.block_shape[0],
+                block_w=sc.block_shape[1],
+                fill=sc.nodata if sc.nodata is not None else 0,
+                windows=tuple(
+                    (int(r), int(c), int(h), int(w))
+                    for r, c, h, w in zip(sub.row_off, sub.col_off, sub.height, sub.width, strict=True)
+                ),
+                names=tuple(f"site {sid!r}" for sid in sub.site_id),
+            )
+            out.append((job, [int(rows[i]) for i in sec]))
+    return out
+
+
+def _summarise(tile: np.ndarray, pad: tuple, nodata, vis_idx, dn) -> dict:
+    return _stats(tile, nodata, vis_idx, dn, pad)
+
+
+def _scene_stats(job: SceneTiles, nodata, vis_idx: list[int], dn: float) -> list[dict]:
+    """One Dask task: the statistics of ``job``'s tiles, whose pixels it reads (``tasks.ingest.pixels``)."""
+    return sweep(job, partial(_summarise, nodata=nodata, vis_idx=vis_idx, dn=dn))
+
+
 def tile_stats(pairs: pd.DataFrame, scenes: dict[str, Scene], cloud_threshold: float | None) -> pd.DataFrame:
     """Statistics of every (site, scene) tile in ``pairs``; runs on the active Dask scheduler.
 
-    Each scene is a lazy Dask array (rioxarray) chunked along whole COG blocks. The tiles whose top-left
-    corner lies in the same chunk make one task, which receives the chunks those tiles overlap: every
-    chunk is read once per call, and a task holds a few chunks, never a scene.
+    One task per scene (or per run of ``SECTION_TILES`` of its tiles, see :func:`scene_tasks`) reads the
+    scene with rasterio windowed reads of block-aligned strips inside the task and returns only the
+    statistics: no pixel array goes through the graph, each block under the tiles is decoded once per
+    task, and a task holds about a tile's height plus one strip of the scene, never the scene.
     """
-    results: list = [None] * len(pairs)  # per pair, in order: its group's task (shared within the group)
-    slots = [0] * len(pairs)  # per pair: its place in the group's list of statistics
-    for scene_id, rows in pairs.groupby("scene_id", sort=False).indices.items():
-        sc = scenes[scene_id]
-        with rasterio.open(sc.path) as src:
-            block_h, block_w = src.block_shapes[0]
-        ch = _whole_blocks(_CHUNK_ROWS, block_h, sc.height)
-        cw = _whole_blocks(_CHUNK_COLS, block_w, sc.width)
-        da = rioxarray.open_rasterio(
-            sc.path, chunks={"band": -1, "y": ch, "x": cw}, lock=False, cache=False, masked=False
-        ).data
-        chunks = da.to_delayed()[0]
-        row_edges, col_edges = np.cumsum((0, *da.chunks[1])), np.cumsum((0, *da.chunks[2]))
-        part = pairs.iloc[rows]
-        ro, co = part["row_off"].to_numpy(), part["col_off"].to_numpy()
-        r0, c0 = np.maximum(ro, 0), np.maximum(co, 0)
-        ro_end, co_end = ro + part["height"].to_numpy(), co + part["width"].to_numpy()
-        r1, c1 = np.minimum(ro_end, sc.height), np.minimum(co_end, sc.width)
-        fill = sc.nodata if sc.nodata is not None else 0
-        vis = visible_bands(sc.band_names)
-        dn = cloud_dn(sc.dtype, cloud_threshold)
-        gi = np.searchsorted(row_edges, np.clip(r0, 0, sc.height - 1), side="right") - 1
-        gj = np.searchsorted(col_edges, np.clip(c0, 0, sc.width - 1), side="right") - 1
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, key in enumerate(zip(gi.tolist(), gj.tolist(), strict=True)):
-            groups.setdefault(key, []).append(k)
-        for (i, j), ks in sorted(groups.items()):
-            i1 = np.searchsorted(row_edges, max(r1[ks].max(), r0[ks].max() + 1) - 1, side="right") - 1
-            j1 = np.searchsorted(col_edges, max(c1[ks].max(), c0[ks].max() + 1) - 1, side="right") - 1
-            i1, j1 = min(i1, len(row_edges) - 2), min(j1, len(col_edges) - 2)
-            y0, x0 = row_edges[i], col_edges[j]
-            tiles = []
-            for k in ks:
-                pad = ((r0[k] - ro[k], ro_end[k] - r1[k]), (c0[k] - co[k], co_end[k] - c1[k]))
-                tiles.append(((r0[k] - y0, r1[k] - y0, c0[k] - x0, c1[k] - x0), pad, fill))
-            sub = [list(chunks[a, j : j1 + 1]) for a in range(i, i1 + 1)]
-            task = dask.delayed(_group_stats)(
-                sub, row_edges[i : i1 + 2] - y0, col_edges[j : j1 + 2] - x0, tiles, sc.nodata, vis, dn
+    tasks, where = [], []
+    for job, positions in scene_tasks(pairs, scenes):
+        sc = scenes[pairs.scene_id.iloc[positions[0]]]
+        token = uuid.uuid4().hex
+        # A literal (not traversed, not tokenized): the job holds only windows, nothing for Dask to find.
+        windows = dask.delayed(job, name=f"ingest-windows-{sc.scene_id}-{token}", traverse=False)
+        tasks.append(
+            dask.delayed(_scene_stats, pure=False)(
+                windows,
+                sc.nodata,
+                visible_bands(sc.band_names),
+                cloud_dn(sc.dtype, cloud_threshold),
+                dask_key_name=f"ingest-tiles-{sc.scene_id}-{token}",
             )
-            for slot, k in enumerate(ks):
-                results[rows[k]], slots[rows[k]] = task, slot
+        )
+        where.append(positions)
     try:
-        stats = dask.compute(*results)
+        done = dask.compute(*tasks)
+    except InputError:
+        raise
     except Exception as exc:
-        # A truncated file surfaces as a GDAL read error deep in the graph (on a worker, possibly as
-        # another type); recompute scene by scene to name the file(s) that fail, not the whole batch.
-        if not _is_read_error(exc):
+        # Reads fail inside the tasks as InputErrors naming file and window; a read error that surfaces
+        # another way (on a worker, as another type) names the scenes of this batch.
+        if not is_read_error(exc):
             raise
-        ids = list(pairs.scene_id)
-        bad = []
-        for sid in dict.fromkeys(ids):
-            try:
-                dask.compute(*[r for r, s in zip(results, ids, strict=True) if s == sid])
-            except Exception:
-                bad.append(scenes[sid].path)
-        paths = bad or sorted({scenes[s].path for s in ids})
+        paths = sorted({job.path for job, _ in scene_tasks(pairs, scenes)})
         raise InputError(", ".join(paths), f"corrupt or truncated imagery: {exc}") from None
-    stats = [group[slot] for group, slot in zip(stats, slots, strict=True)]
+    stats: list = [None] * len(pairs)
+    for positions, results in zip(where, done, strict=True):
+        for i, st in zip(positions, results, strict=True):
+            stats[i] = st
     out = pairs[["site_id", "scene_id", "crs", "transform", "width", "height"]].reset_index(drop=True).copy()
     out["band_names"] = [list(scenes[s].band_names) for s in out.scene_id]
-    stats_df = pd.DataFrame(list(stats))
+    stats_df = pd.DataFrame(stats)
     return pd.concat([out, stats_df], axis=1)
-
-
-def _is_read_error(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, RasterioIOError)
-        or "rasterio" in type(exc).__module__
-        or "TIFF" in str(exc)
-        or "Read" in str(exc)
-    )
 
 
 def window_of(pair) -> Window:

@@ -6,15 +6,22 @@ repair recorded), split into single polygons and clipped to the site footprint.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyproj
 import shapely
 from shapely.geometry import box
 
 from schemas.catalog import Catalog
 from tasks.ingest.readers import read_table_file, read_vector, require_columns, require_ids, require_unique
 from tasks.store.errors import InputError
+from tasks.store.reuse import code_key, content_key
 
 LABEL_COLUMNS = [
     "polygon_id",
@@ -94,8 +101,21 @@ def normalise_labels(
 
     ``grids`` has one row per site: site_id, crs, transform, width, height (the site's pixel grid).
     """
+    return normalise_label_geometry(validate_labels(gdf, path, grids, assignments, classes), path, grids)
+
+
+def validate_labels(
+    gdf: gpd.GeoDataFrame,
+    path: str,
+    grids: pd.DataFrame,
+    assignments: pd.DataFrame,
+    classes: list[str],
+) -> gpd.GeoDataFrame:
+    """The checks that look at the whole label table at once (vectorised, cheap): ids, classes, known
+    sites, an assignment behind every polygon, polygonal geometry. Returns ``gdf`` with a ``label``
+    column (None where missing), ready for :func:`normalise_label_geometry`."""
     if len(gdf) == 0:  # a file without features (an empty GeoJSON carries no columns at all)
-        return _no_labels()
+        return gdf
     require_columns(gdf, ["site_id", "labeller_id"], path)
     require_ids(gdf, ["site_id", "labeller_id"], path)
     if "label" not in gdf.columns:
@@ -128,7 +148,18 @@ def normalise_labels(
     if not polygonal.all():
         row = gdf.index[~polygonal.to_numpy()][0]
         raise InputError(path, f"geometry is a {geom.loc[row].geom_type}; labels must be polygons", row=row)
+    return gdf.assign(label=label)
 
+
+def normalise_label_geometry(gdf: gpd.GeoDataFrame, path: str, grids: pd.DataFrame) -> pd.DataFrame:
+    """Reproject, repair and clip validated label rows (:func:`validate_labels`) on their sites' grids.
+
+    Each row's result depends only on that row, its site's grid and the rows of the same site and
+    labeller before it in the file (they number its polygons), so normalising any subset of whole
+    sites gives exactly those sites' rows of a normalisation of the whole table.
+    """
+    if len(gdf) == 0:
+        return _no_labels()
     out = []
     grids = grids.set_index("site_id")
     for crs, site_ids in grids.groupby("crs").groups.items():
@@ -136,7 +167,7 @@ def normalise_labels(
         if part.empty:
             continue
         part = part.to_crs(crs)
-        out.append(_repair_and_clip(part, path, grids, crs, label.loc[part.index]))
+        out.append(_repair_and_clip(part, path, grids, crs, part["label"]))
     if not out:
         return _no_labels()
     return pd.concat(out, ignore_index=True)[LABEL_COLUMNS]
@@ -243,12 +274,40 @@ def site_roles(site_ids: list[str], assignments: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def read_label_inputs(
-    catalog: Catalog, site_ids: set[str], grids: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(assignments, labels) of the catalog's inputs, read and normalised on ``grids`` (one row per site:
-    site_id, scene_id, crs, transform, width, height). Ingest and the label watcher share it, so both see
-    exactly the same normalised labels."""
+LABELS_STAGE = "ingest_labels"  # reuse_keys/<this>.parquet: per site, the key of its raw label inputs
+# The code a site's normalised labels depend on: reading, checks, geometry work, assembly (not imagery).
+LABEL_CODE = ("tasks.ingest.labels", "tasks.ingest.readers", "tasks.ingest.stage")
+
+
+@dataclass(frozen=True)
+class LabelInputs:
+    """The catalog's label inputs after every whole-table check, before any per-polygon geometry work.
+
+    ``assignments``: normalised (cheap). ``labels``: the raw label rows (file CRS, file order), validated
+    by :func:`validate_labels`. ``keys``: per site, :func:`label_input_keys`.
+    """
+
+    assignments: pd.DataFrame
+    labels: gpd.GeoDataFrame
+    keys: dict[str, str]
+    assignments_path: str
+    labels_path: str
+
+    def normalise(self, grids: pd.DataFrame, site_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """The normalised ``labels`` rows of ``site_ids`` (default: every site)."""
+        raw = self.labels
+        if site_ids is not None and len(raw):
+            raw = raw[raw["site_id"].isin(sorted(set(site_ids)))]
+        return normalise_label_geometry(raw, self.labels_path, grids)
+
+
+def read_label_input_rows(catalog: Catalog, site_ids: set[str], grids: pd.DataFrame) -> LabelInputs:
+    """Read the label inputs and run every whole-table check; no geometry is normalised yet.
+
+    ``grids``: one row per site (site_id, scene_id, crs, transform, width, height). Bad input raises the
+    ``InputError`` (file, row, reason) a full normalisation would, except the per-polygon finding
+    "nothing left after clipping", which :meth:`LabelInputs.normalise` raises for the sites it treats.
+    """
     ds = catalog.datasets
     a_path = catalog.input_path("input_assignments")
     assignments = normalise_assignments(
@@ -258,11 +317,145 @@ def read_label_inputs(
         set(catalog.settings.reference_labellers),
     )
     l_path = catalog.input_path("input_labels")
-    labels = normalise_labels(
-        read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants),
-        l_path,
-        grids,
-        assignments,
-        catalog.settings.label_classes,
+    classes = catalog.settings.label_classes
+    raw = read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants)
+    labels = validate_labels(raw, l_path, grids, assignments, classes)
+    keys = label_input_keys(labels, assignments, grids, classes)
+    return LabelInputs(assignments, labels, keys, str(a_path), str(l_path))
+
+
+def read_label_inputs(
+    catalog: Catalog, site_ids: set[str], grids: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(assignments, labels) of the catalog's inputs, read and normalised on ``grids`` (one row per site:
+    site_id, scene_id, crs, transform, width, height): every site normalised afresh."""
+    inputs = read_label_input_rows(catalog, site_ids, grids)
+    return inputs.assignments, inputs.normalise(grids)
+
+
+def polygon_counts(labels: pd.DataFrame, assignments: pd.DataFrame) -> np.ndarray:
+    """Label rows per assignment (aligned with ``assignments``' rows); raw or normalised rows alike
+    (a raw polygon never normalises to nothing: that is an error)."""
+    if len(labels) == 0:
+        return np.zeros(len(assignments), dtype="int64")
+    n_poly = labels.groupby(["site_id", "labeller_id"]).size()
+    key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
+    return n_poly.reindex(key).fillna(0).astype("int64").to_numpy()
+
+
+def require_no_pending_polygons(assignments: pd.DataFrame, n_polygons: np.ndarray, path: str) -> None:
+    """An assignment without ``completed_at`` is pending: it must not have polygons yet."""
+    pending_with_polygons = (assignments["status"] == "pending").to_numpy() & (np.asarray(n_polygons) > 0)
+    if pending_with_polygons.any():
+        row = assignments.index[pending_with_polygons][0]
+        who = f"site {assignments.at[row, 'site_id']!r} by {assignments.at[row, 'labeller_id']!r}"
+        raise InputError(path, f"assignment of {who} has polygons but no completed_at", row=row)
+
+
+# ------------------------------------------------------------------------- a site's raw label inputs
+def label_input_keys(
+    labels: gpd.GeoDataFrame, assignments: pd.DataFrame, grids: pd.DataFrame, classes: list[str]
+) -> dict[str, str]:
+    """Per site with assignments: the key of everything its normalised ``labels`` and ``assignments``
+    rows depend on, computed without normalising any geometry.
+
+    That is the site's raw label rows (labeller, class, geometry as WKB in the file's CRS) in file order
+    within each labeller (the order numbers its polygons; rows of other sites or labellers may move
+    freely), its normalised assignments, its grid, the label classes, the file's CRS, the code that reads
+    and normalises labels (``LABEL_CODE``) and the geometry libraries' versions (``make_valid`` and
+    reprojection results may change with them). ``labels``: validated raw rows (:func:`validate_labels`).
+    """
+    common = content_key(
+        "ingest/labels",
+        code_key(*LABEL_CODE),
+        _geometry_library_versions(),
+        list(classes),
+        labels.crs.to_wkt() if len(labels) and labels.crs is not None else None,
     )
-    return assignments, labels
+    a_keys = _assignment_row_keys(assignments)
+    l_keys = _label_row_keys(labels)
+    g = grids.drop_duplicates("site_id")
+    site_grid = {
+        str(s): [str(c), [float(v) for v in t], int(w), int(h)]
+        for s, c, t, w, h in zip(g["site_id"], g["crs"], g["transform"], g["width"], g["height"], strict=True)
+    }
+    return {
+        site: content_key(common, site_grid.get(site), a_keys.get(site), l_keys.get(site))
+        for site in sorted(a_keys.keys() | l_keys.keys())
+    }
+
+
+def _assignment_row_keys(assignments: pd.DataFrame) -> dict[str, str]:
+    """Per site: a digest of its normalised assignments (labeller, status, completion instant, reference),
+    in labeller order. Vectorised: one pass over the rows, not one frame per site."""
+    if len(assignments) == 0:
+        return {}
+    done = pd.to_datetime(assignments["completed_at"], utc=True)
+    instants = done.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]").view("int64")
+    frame = pd.DataFrame(
+        {
+            "site": assignments["site_id"].astype(str).to_numpy(dtype=object),
+            "who": assignments["labeller_id"].astype(str).to_numpy(dtype=object),
+            "status": assignments["status"].astype(str).to_numpy(dtype=object),
+            "at": np.where(done.isna().to_numpy(), None, instants),
+            "ref": assignments["is_reference"].astype(bool).to_numpy(),
+        }
+    ).sort_values(["site", "who", "status"])
+    out: dict[str, str] = {}
+    h, current = None, None
+    for s, w, st, at, ref in zip(*(frame[c].to_numpy() for c in frame.columns), strict=True):
+        if s != current:
+            if h is not None:
+                out[current] = h.hexdigest()
+            h, current = hashlib.blake2b(digest_size=16), s
+        wb, sb = w.encode(), st.encode()
+        tb = b"N" if at is None else b"T%d" % at
+        h.update(b"%d:" % len(wb) + wb + b"%d:" % len(sb) + sb + tb + (b"R" if ref else b"C"))
+    out[current] = h.hexdigest()
+    return out
+
+
+def _label_row_keys(labels: gpd.GeoDataFrame) -> dict[str, str]:
+    if len(labels) == 0:
+        return {}
+    order = (
+        pd.DataFrame(
+            {
+                "site": labels["site_id"].to_numpy(dtype=object),
+                "who": labels["labeller_id"].to_numpy(dtype=object),
+                "pos": np.arange(len(labels)),
+            }
+        )
+        .sort_values(["site", "who", "pos"])
+        .index.to_numpy()
+    )
+    sites = labels["site_id"].to_numpy(dtype=object)[order]
+    who = labels["labeller_id"].to_numpy(dtype=object)[order]
+    label = labels["label"].to_numpy(dtype=object)[order]
+    wkb = shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object)[order], byte_order=1)
+    out: dict[str, str] = {}
+    h, current = None, None
+    for s, w, c, b in zip(sites, who, label, wkb, strict=True):
+        if s != current:
+            if h is not None:
+                out[current] = h.hexdigest()
+            h, current = hashlib.blake2b(digest_size=16), s
+        wb = w.encode()
+        h.update(b"%d:" % len(wb) + wb + _class_bytes(c) + b"%d:" % len(b) + b)
+    out[current] = h.hexdigest()
+    return out
+
+
+def _class_bytes(value) -> bytes:
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return b"N"
+    if isinstance(value, str):
+        b = value.encode()
+        return b"S%d:" % len(b) + b
+    b = f"{type(value).__name__}:{value!r}".encode()
+    return b"O%d:" % len(b) + b
+
+
+@cache
+def _geometry_library_versions() -> list[str]:
+    return [shapely.__version__, shapely.geos_version_string, pyproj.__version__, pyproj.proj_version_str]

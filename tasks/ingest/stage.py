@@ -29,10 +29,15 @@ from tasks.ingest.imagery import (
     tile_unit,
 )
 from tasks.ingest.labels import (
+    LABEL_COLUMNS,
+    LABELS_STAGE,
+    LabelInputs,
     _grid_bounds,
     normalise_item_labels,
     normalise_sites,
-    read_label_inputs,
+    polygon_counts,
+    read_label_input_rows,
+    require_no_pending_polygons,
     site_roles,
 )
 from tasks.ingest.readers import read_table_file, read_vector
@@ -65,8 +70,11 @@ def run_ingest(
 
     Input files are hashed through the dataset's hash cache (unchanged files are not reread). With
     ``reuse``, a tile whose key (``tile_keys``) equals the previous version's takes its statistics from
-    that version's ``tiles`` table instead of reading pixels; labels, assignments and sites are always
-    normalised afresh (cheap). Every table is written sorted by its primary key.
+    that version's ``tiles`` table instead of reading pixels, and a site whose raw label inputs' key
+    (``label_input_keys``: its label rows, assignments and grid) equals the previous version's takes its
+    normalised ``labels`` rows from there instead of repairing, reprojecting and clipping its polygons
+    again. Every whole-table check of the label inputs runs either way, and assignments, sites and item
+    labels are always normalised afresh (cheap). Every table is written sorted by its primary key.
     """
     hashes = HashCache.for_root(catalog.root_path)
     try:
@@ -116,19 +124,14 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
 
     t2 = time.perf_counter()
     grids = _primary_grids(tiles, pairs)
-    a_path = catalog.input_path("input_assignments")
-    l_path = catalog.input_path("input_labels")
-    assignments, labels = read_label_inputs(catalog, set(sites["site_id"]), grids)
-    inputs.append(_input_record("input_assignments", a_path, hashes))
-    inputs.append(_input_record("input_labels", l_path, hashes))
-    n_poly = labels.groupby(["site_id", "labeller_id"]).size()
-    key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
-    assignments["n_polygons"] = n_poly.reindex(key).fillna(0).astype("int64").to_numpy()
-    pending_with_polygons = (assignments["status"] == "pending") & (assignments["n_polygons"] > 0)
-    if pending_with_polygons.any():
-        row = assignments.index[pending_with_polygons.to_numpy()][0]
-        who = f"site {assignments.at[row, 'site_id']!r} by {assignments.at[row, 'labeller_id']!r}"
-        raise InputError(a_path, f"assignment of {who} has polygons but no completed_at", row=row)
+    label_inputs = read_label_input_rows(catalog, set(sites["site_id"]), grids)
+    inputs.append(_input_record("input_assignments", label_inputs.assignments_path, hashes))
+    inputs.append(_input_record("input_labels", label_inputs.labels_path, hashes))
+    label_keys = label_inputs.keys
+    labels, reused_label_sites = _labels(label_inputs, grids, reuse, ds["labels"].uri)
+    assignments = label_inputs.assignments
+    assignments["n_polygons"] = polygon_counts(labels, assignments)
+    require_no_pending_polygons(assignments, assignments["n_polygons"], label_inputs.assignments_path)
 
     if "input_item_labels" in ds and Path(catalog.input_path("input_item_labels")).exists():
         i_path = catalog.input_path("input_item_labels")
@@ -169,6 +172,9 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
             "item_labels", _canonical(item_labels, "item_id", "labeller_id"), out_dir / ds["item_labels"].uri
         ),
         f"reuse_keys/{STAGE}": write_keys(out_dir, STAGE, dict(sorted(keys.items())), reused, reuse),
+        f"reuse_keys/{LABELS_STAGE}": write_keys(
+            out_dir, LABELS_STAGE, label_keys, reused_label_sites, reuse
+        ),
     }
     timings["write"] = time.perf_counter() - t3
     notes = [f"{int((~labels['was_valid']).sum())} invalid polygons repaired"] if len(labels) else []
@@ -186,6 +192,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
         ),
         "item_labels": len(item_labels),
         **reuse_counts(STAGE, len(keys), len(reused)),
+        **reuse_counts(LABELS_STAGE, len(label_keys), len(reused_label_sites)),
     }
     return IngestResult(artifacts=artifacts, timings=timings, counts=counts, notes=notes, inputs=inputs)
 
@@ -260,6 +267,47 @@ def _tiles_gdf(tiles: pd.DataFrame) -> gpd.GeoDataFrame:
 def _canonical(df: pd.DataFrame, *key: str) -> pd.DataFrame:
     """``df`` sorted by its primary key: the same inputs always give the same row order."""
     return df.sort_values(list(key), kind="stable").reset_index(drop=True)
+
+
+def _labels(
+    inputs: LabelInputs, grids: pd.DataFrame, reuse: Reuse, uri: str
+) -> tuple[pd.DataFrame, set[str]]:
+    """The normalised ``labels`` rows: reusable sites' rows from the previous version, the others'
+    normalised now; returns (rows, the sites taken over).
+
+    A reusable site (raw input key equal to the previous version's) whose raw polygons have no rows
+    there is normalised again rather than trusted.
+    """
+    reusable = reuse.reusable(LABELS_STAGE, inputs.keys)
+    raw = inputs.labels
+    drawn = set(raw["site_id"]) if len(raw) else set()
+    prev = previous_rows(reuse, uri, reusable & drawn)
+    have = set(prev["site_id"].astype(str)) if prev is not None and len(prev) else set()
+    reused = {s for s in reusable if s in have or s not in drawn}
+    frames = []
+    if have & reused:
+        prev = prev[prev["site_id"].isin(sorted(reused))]
+        # This run's grid CRS text names each row's CRS (the key covers it); the stored part's may be
+        # spelled differently.
+        crs = dict(zip(grids["site_id"], grids["crs"], strict=True))
+        frames.append(pd.DataFrame(prev).assign(crs=prev["site_id"].map(crs))[LABEL_COLUMNS])
+    todo = drawn - reused
+    if todo or not frames:
+        frames.append(inputs.normalise(grids, todo))
+    frames = [f for f in frames if len(f)] or frames[-1:]
+    labels = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return _inferred_text_columns(labels), reused
+
+
+def _inferred_text_columns(labels: pd.DataFrame) -> pd.DataFrame:
+    """Text columns typed from their values alone (missing as None), as rows built afresh would be: rows
+    read back from Parquet and rows just computed then always write the same column types (a column
+    of only missing values stays untyped either way)."""
+    labels = labels.copy()
+    for c in ("polygon_id", "site_id", "labeller_id", "label", "repair_note", "crs"):
+        values = labels[c].astype(object)
+        labels[c] = pd.Series(values.where(values.notna(), None).tolist(), index=labels.index)
+    return labels
 
 
 def _previous_tiles(reuse: Reuse, uri: str, units: set[str]) -> pd.DataFrame:
