@@ -74,7 +74,9 @@ def refresh(catalog_path: str, lock_wait_s: float = 0.0, reuse: bool = True, ref
             }
             with dask.annotate(resources=stage_resources("cpu")):
                 upstream = [issues, pseudo]
-                report = report_task.submit(catalog_path, out, prev_dir, provenance, upstream=upstream)
+                report = report_task.submit(
+                    catalog_path, out, prev_dir, provenance, upstream=upstream, reuse=plan
+                )
             stages["report"] = report.result()
             draft.artifacts.update(stages["report"]["artifacts"])
             timings = {name: sum(s["timings"].values()) for name, s in stages.items()}

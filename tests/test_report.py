@@ -108,7 +108,7 @@ def test_every_module_page_is_written_and_linked(built):
         assert f"<h1>{title}</h1>" in html
         assert all(f'href="{other}"' in html for other, _ in PAGES)  # navigation on every page
     assert v["result"].report.endswith("report/index.html")
-    assert set(v["result"].artifacts) == {"report", "metrics"}
+    assert set(v["result"].artifacts) == {"report", "metrics", "reuse_keys/report"}
 
 
 def test_pages_are_a_function_of_metrics_json(built, tmp_path):

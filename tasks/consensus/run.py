@@ -47,6 +47,7 @@ from tasks.consensus.stage import (
     site_voters,
 )
 from tasks.store.artifacts import bytes_hash, file_hash, read_table, write_table
+from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
 from tasks.store.reuse import Reuse, content_key, link_or_copy, previous_rows, reuse_counts, write_keys
@@ -353,17 +354,16 @@ def run_consensus_stage(
         }
     else:
         labels_record = write_table("consensus_labels", _labels_frame([]), labels_dir)
-    tifs = sorted(raster_dir.glob("*.tif"))
+    prev_rasters, prev_record = previous_record(prev if reuse.enabled else None, "consensus_rasters")
     artifacts = {
         "assignment_quality": write_table("assignment_quality", aq, version_dir / uris["assignment_quality"]),
         "labeller_quality": write_table("labeller_quality", lq, version_dir / uris["labeller_quality"]),
         "site_consensus": write_table("site_consensus", site_consensus, version_dir / uris["site_consensus"]),
         "consensus_labels": labels_record,
-        "consensus_rasters": {
-            "path": uris["consensus_rasters"],
-            "rows": len(tifs),
-            "checksum": bytes_hash(*(file_hash(p).encode() for p in tifs)),
-        },
+        # rasters linked from the previous version keep the hashes its manifest recorded
+        "consensus_rasters": folder_record(
+            raster_dir, uris["consensus_rasters"], "*.tif", prev_rasters, prev_record
+        ),
         "consensus_pattern_counts": write_table(
             "consensus_pattern_counts", site_counts, version_dir / uris["consensus_pattern_counts"]
         ),

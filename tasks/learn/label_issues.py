@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 
@@ -72,16 +72,18 @@ SUMMARY_COLUMNS = [
 class SiteWork:
     """One site's inputs for both passes (picklable). Probabilities and consensus come either as arrays
     or as GeoTIFF paths read inside the batch; ``prob_kind="consensus"`` reads band 1 of a consensus
-    raster as p(field) (the stand-in before a model exists)."""
+    raster as p(field) (the stand-in before a model exists). Polygons likewise: geometries, or (None
+    and ``labels_path``) read by polygon id inside the batch, so a task graph never carries them."""
 
     grid: SiteGrid
-    labellers: dict[str, tuple[list[str], list]]  # crowd labeller -> (polygon ids, geometries)
+    labellers: dict[str, tuple[list[str], list | None]]  # crowd labeller -> (polygon ids, geometries)
     consensus_independent: bool  # gold site or >= 2 crowd voters: the consensus is not just this labeller
     probs: np.ndarray | None = None
     prob_path: str | None = None
     prob_kind: str = "oos"
     consensus: np.ndarray | None = None
     consensus_path: str | None = None
+    labels_path: str | None = None  # geometries None: read them from this labels table inside the batch
 
     site_id = property(lambda self: self.grid.site_id)
     has_probabilities = property(lambda self: self.probs is not None or self.prob_path is not None)
@@ -131,31 +133,96 @@ def read_site_probabilities(path: str | Path, grid: SiteGrid, kind: str = "oos")
 
 
 def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = ()) -> list[SiteWork]:
-    """One SiteWork per site with >= 1 completed crowd (non-reference) assignment, polygons in native CRS."""
+    """One SiteWork per site with >= 1 completed crowd (non-reference) assignment, polygons in native CRS
+    (``labels`` without a geometry column: geometries None, to be read inside the batches)."""
     refs = set(map(str, reference_labellers))
-    a = assignments[assignments["status"].astype(str) == "completed"].copy()
-    a["labeller_id"] = a["labeller_id"].astype(str)
-    a["site_id"] = a["site_id"].astype(str)
-    a["ref"] = a["is_reference"].fillna(False).astype(bool) | a["labeller_id"].isin(refs)
-    by_site = {sid: g for sid, g in a.groupby("site_id", sort=True)}
-    lab = labels.assign(site_id=labels["site_id"].astype(str), labeller_id=labels["labeller_id"].astype(str))
-    polys = {key: g for key, g in lab.groupby(["site_id", "labeller_id"], sort=False)}
+    a = assignments[assignments["status"].astype(str) == "completed"]
+    a_lid = a["labeller_id"].astype(str)
+    is_ref = (a["is_reference"].fillna(False).astype(bool) | a_lid.isin(refs)).tolist()
+    crowd_of: dict[str, set[str]] = {}
+    with_ref: set[str] = set()
+    for sid, lid, ref in zip(a["site_id"].astype(str).tolist(), a_lid.tolist(), is_ref, strict=True):
+        if ref:
+            with_ref.add(sid)
+        else:
+            crowd_of.setdefault(sid, set()).add(lid)
+    # each (site, labeller)'s polygon ids and geometries, in table order
+    ids: dict[tuple[str, str], list[str]] = {}
+    geoms: dict[tuple[str, str], list] = {}
+    site_ids, lab_ids = labels["site_id"].astype(str).tolist(), labels["labeller_id"].astype(str).tolist()
+    keys = zip(site_ids, lab_ids, strict=True)
+    pids = labels["polygon_id"].astype(str).tolist()
+    shapes = list(labels["geometry"]) if "geometry" in labels else None
+    for i, key in enumerate(keys):
+        ids.setdefault(key, []).append(pids[i])
+        if shapes is not None:
+            geoms.setdefault(key, []).append(shapes[i])
     out = []
     for row in sites.sort_values("site_id").itertuples(index=False):
         sid = str(row.site_id)
-        g = by_site.get(sid)
-        crowd = sorted(g.loc[~g["ref"], "labeller_id"].unique()) if g is not None else []
+        crowd = sorted(crowd_of.get(sid, ()))
         if not crowd:
             continue
         lab_polys = {}
         for lid in crowd:
-            p = polys.get((sid, lid))
-            lab_polys[lid] = (
-                ([], []) if p is None else (p["polygon_id"].astype(str).tolist(), list(p.geometry))
-            )
+            key = (sid, lid)
+            if key not in ids:
+                lab_polys[lid] = ([], [])
+            else:  # None: read later
+                lab_polys[lid] = (ids[key], geoms[key] if shapes is not None else None)
         grid = SiteGrid.from_row(row._asdict())
-        out.append(SiteWork(grid, lab_polys, bool(g["ref"].any()) or len(crowd) >= 2))
+        out.append(SiteWork(grid, lab_polys, sid in with_ref or len(crowd) >= 2))
     return out
+
+
+def without_geometries(work: list[SiteWork], labels_path: str | Path) -> list[SiteWork]:
+    """The same work with its polygons left in ``labels_path`` (read back by ``with_geometries`` inside
+    each batch): what Dask tasks are sent, so the graph holds ids and paths, not the region's polygons."""
+    return [
+        replace(
+            w,
+            labellers={lid: (ids, None) for lid, (ids, _) in w.labellers.items()},
+            labels_path=str(labels_path),
+        )
+        for w in work
+    ]
+
+
+GRAPH_POLYGONS = 10_000  # more polygons than this in one pass: its batches read them themselves
+
+
+def _light(parts: list[list[SiteWork]], labels_path: Path) -> list[list[SiteWork]]:
+    """The batches of one pass as Dask tasks get them: with their polygons when they are few (a
+    reprocess of a few sites: no reread of the table), else as ids to read inside each batch, so the task
+    graph never carries the region's polygons (a full run's was ~11 MiB on the 10x region)."""
+    n = sum(len(ids) for b in parts for w in b for ids, _ in w.labellers.values())
+    return [without_geometries(b, labels_path) for b in parts] if n > GRAPH_POLYGONS else parts
+
+
+def with_geometries(batch: list[SiteWork]) -> list[SiteWork]:
+    """``batch`` with every labeller's geometries filled in (in polygon-id order) from its labels table."""
+    need: dict[str, list[str]] = {}
+    for w in batch:
+        if any(g is None for _, g in w.labellers.values()):
+            if w.labels_path is None:
+                raise ValueError(f"site {w.site_id}: polygons neither given nor readable (no labels_path)")
+            need.setdefault(w.labels_path, []).append(w.site_id)
+    if not need:
+        return batch
+    geoms: dict[str, object] = {}
+    for path, ids in need.items():
+        df = read_table(path, columns=["polygon_id", "site_id", "geometry"], filters=[("site_id", "in", ids)])
+        geoms.update(zip(df["polygon_id"].astype(str), df["geometry"], strict=True))
+    return [
+        replace(
+            w,
+            labellers={
+                lid: (ids, [geoms[i] for i in ids] if g is None else g)
+                for lid, (ids, g) in w.labellers.items()
+            },
+        )
+        for w in batch
+    ]
 
 
 def _site_arrays(w: SiteWork, params: IssueParams):
@@ -189,6 +256,7 @@ def _site_arrays(w: SiteWork, params: IssueParams):
 def site_stats(w: SiteWork, params: IssueParams) -> PixelStats:
     """Pass 1 for one site: the (given class x p(field) bin) histogram of its crowd assignments."""
     stats = PixelStats.zeros(params.n_bins)
+    (w,) = with_geometries([w])
     bins, _, ids = _site_arrays(w, params)
     for raster in ids.values():
         stats.add(bins, (raster > 0).astype(np.int8))
@@ -197,6 +265,7 @@ def site_stats(w: SiteWork, params: IssueParams) -> PixelStats:
 
 def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
     """Pass 1: the histogram of every crowd assignment in the batch."""
+    batch = with_geometries(batch)
     return reduce(PixelStats.__add__, (site_stats(w, params) for w in batch), PixelStats.zeros(params.n_bins))
 
 
@@ -205,7 +274,7 @@ def site_stats_batch(
 ) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
     """Pass 1 keeping each site's histogram (sparse bytes, see ``PixelStats.encode``) next to the sum."""
     total, per_site = PixelStats.zeros(params.n_bins), {}
-    for w in batch:
+    for w in with_geometries(batch):
         st = site_stats(w, params)
         total = total + st
         per_site[w.site_id] = (*st.encode(), int(st.hist.sum()))
@@ -232,7 +301,7 @@ def collect_issues(
 def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> tuple[list[dict], list[dict]]:
     """Pass 2: issue records and one summary row per assignment (unranked, geometry in native CRS)."""
     issues, summaries = [], []
-    for w in batch:
+    for w in with_geometries(batch):
         bins, cons, ids = _site_arrays(w, params)
         area = abs(w.grid.transform[0] * w.grid.transform[4])
         for lid, raster in ids.items():
@@ -445,7 +514,8 @@ def run_label_issues_stage(
     params = params_from_catalog(catalog)
     t0 = time.perf_counter()
     sites = read_table(version_dir / ds["sites"].uri)
-    labels = read_table(version_dir / ds["labels"].uri)
+    labels_path = version_dir / ds["labels"].uri
+    labels = read_table(labels_path)
     assignments = read_table(version_dir / ds["assignments"].uri)
     lq_path = version_dir / ds["labeller_quality"].uri
     lq = read_table(lq_path) if lq_path.exists() else None
@@ -489,7 +559,7 @@ def run_label_issues_stage(
             site_hists[w.site_id] = (prev[2], prev[3], int(hist.hist.sum()))
             total = total + hist
     todo = [w for w in scored if w.site_id not in site_hists]
-    fresh_total, fresh_hists = collect_stats(_batches(todo, size), params)
+    fresh_total, fresh_hists = collect_stats(_light(_batches(todo, size), labels_path), params)
     total = total + fresh_total
     site_hists |= fresh_hists
     notes += _empty_class_notes(total)
@@ -515,7 +585,7 @@ def run_label_issues_stage(
     li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
     old_li, old_ai, reused = _previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
     issues, summaries = collect_issues(
-        _batches([w for w in scored if w.site_id not in reused], size), model, params
+        _light(_batches([w for w in scored if w.site_id not in reused], size), labels_path), model, params
     )
     li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
     if old_li is not None:

@@ -213,8 +213,8 @@ def pseudo_label_stage(
     # --------------------------------------------------------------------------------- units, keys
     t1 = time.perf_counter()
     roles = dict(zip(inp.sites["site_id"], inp.sites["role"], strict=True))
-    unlabelled = [s for s in inp.sites["site_id"] if roles[s] == "unlabelled" and s not in inp.refs]
-    single = [s for s in inp.sites["site_id"] if roles[s] == "single" and s not in inp.refs]
+    unlabelled = [s for s in inp.sites["site_id"] if roles[s] == "unlabelled" and s not in inp.ref_sites]
+    single = [s for s in inp.sites["site_id"] if roles[s] == "single" and s not in inp.ref_sites]
     units: dict[str, tuple[str, str]] = {}  # site -> (polygon source, "oos" | "final")
     for s in unlabelled:
         units[s] = ("unlabelled", "final")
@@ -290,7 +290,9 @@ def pseudo_label_stage(
     labels = labels[POLYGON_COLUMNS].sort_values("polygon_id", kind="stable").reset_index(drop=True)
     thr_reused = {THRESHOLDS_UNIT} if carried is not None else set()
     artifacts = {
-        "pseudo_probabilities": folder_artifact(out_dir, ds["pseudo_probabilities"].uri),
+        "pseudo_probabilities": folder_artifact(
+            out_dir, ds["pseudo_probabilities"].uri, reuse=reuse, name="pseudo_probabilities"
+        ),
         "pseudo_labels": write_table("pseudo_labels", labels, version_dir / ds["pseudo_labels"].uri),
         "pseudo_label_thresholds": write_table("pseudo_label_thresholds", thresholds, version_dir / thr_uri),
         f"reuse_keys/{STAGE}": write_keys(

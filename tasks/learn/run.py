@@ -33,6 +33,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ from tasks.learn.train import (
     predict_sites,
 )
 from tasks.store.artifacts import bytes_hash, file_hash, read_table
+from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
 from tasks.store.reuse import (
@@ -124,9 +126,13 @@ def read_prob_raster(path: Path) -> np.ndarray:
         return src.read().astype(np.float32)
 
 
-def folder_artifact(folder: Path, rel: str, pattern: str = "*.tif") -> dict:
-    files = sorted(folder.glob(pattern))
-    return {"path": rel, "rows": len(files), "checksum": bytes_hash(*(file_hash(p).encode() for p in files))}
+def folder_artifact(
+    folder: Path, rel: str, pattern: str = "*.tif", reuse: Reuse | None = None, name: str | None = None
+) -> dict:
+    """Manifest record of a folder artifact; files linked from the previous version (artifact ``name``)
+    keep the hash its manifest recorded instead of being read again (``tasks.store.folders``)."""
+    prev_folder, prev = previous_record(reuse.previous if reuse else None, name or rel)
+    return folder_record(folder, rel, pattern, prev_folder, prev)
 
 
 def version_id(version_dir: Path) -> str:
@@ -136,7 +142,10 @@ def version_id(version_dir: Path) -> str:
 
 @dataclass
 class Inputs:
-    """What both stages read: sites, per-site grids, scene paths, normalisation, labels per site."""
+    """What both stages read: sites, per-site grids, scene paths, normalisation, labels per site.
+
+    The polygons (``labels``, hence ``refs`` and ``voters``) are read on first use: a stage that keeps
+    its model and thresholds never needs them (which sites are gold comes from the assignments)."""
 
     sites: pd.DataFrame
     grids: dict[str, SiteGrid]
@@ -144,28 +153,56 @@ class Inputs:
     mean: np.ndarray
     std: np.ndarray
     band_names: list[str]
-    refs: dict[str, list]
-    voters: dict[str, list[list]]
     consensus_dir: Path
     cloud_threshold: float | None
     version_dir: Path
-    labels: pd.DataFrame = field(repr=False, default=None)
     assignments: pd.DataFrame = field(repr=False, default=None)
+    labels_path: Path | None = None
+    reference_labellers: tuple[str, ...] = ()
 
     @property
     def labelled(self) -> list[str]:
         """Sites with a reference or a consensus raster, in site order."""
-        have = {p.stem for p in self.consensus_dir.glob("*.tif")} | set(self.refs)
-        return [s for s in self.sites["site_id"] if s in have]
+        if self._labelled is None:
+            have = {p.stem for p in self.consensus_dir.glob("*.tif")} | self.ref_sites
+            self._labelled = [s for s in self.sites["site_id"] if s in have]
+        return self._labelled
 
     def role(self, site_id: str) -> str:
-        return "gold" if site_id in self.refs else str(self._roles[site_id])
+        return "gold" if site_id in self.ref_sites else str(self._roles[site_id])
 
     def __post_init__(self):
         self._roles = dict(zip(self.sites["site_id"], self.sites["role"], strict=True))
         self._scene = dict(zip(self.sites["site_id"], self.sites["scene_id"].astype(str), strict=True))
         self._keys: dict[str, dict] = {}
         self._tile_keys: dict[str, str | None] = {}
+        self._labelled: list[str] | None = None
+        self._labels: pd.DataFrame | None = None
+        self._site_labels: tuple[dict, dict] | None = None
+        done = self.assignments[self.assignments["status"] == "completed"]
+        is_ref = done["is_reference"].astype(bool) | done["labeller_id"].isin(list(self.reference_labellers))
+        self.ref_sites: set[str] = set(done.loc[is_ref, "site_id"].astype(str))  # = set(self.refs)
+
+    @property
+    def labels(self) -> pd.DataFrame:
+        if self._labels is None:
+            self._labels = read_table(self.labels_path)
+        return self._labels
+
+    @property
+    def refs(self) -> dict[str, list]:
+        """Per gold site: the reference polygons (``site_labels``)."""
+        return self._polygons()[0]
+
+    @property
+    def voters(self) -> dict[str, list[list]]:
+        """Per site: each voter's polygons (``site_labels``)."""
+        return self._polygons()[1]
+
+    def _polygons(self) -> tuple[dict, dict]:
+        if self._site_labels is None:
+            self._site_labels = site_labels(self.labels, self.assignments, self.reference_labellers)
+        return self._site_labels
 
     def scene_path(self, site_id: str) -> str | None:
         """The site's scene file, None when it is missing."""
@@ -187,7 +224,7 @@ class Inputs:
     def target(self, site_id: str, params: LearnParams) -> tuple[np.ndarray, np.ndarray]:
         """(classes, weights) of a labelled site: the reference on gold sites, else the consensus."""
         grid = self.grids[site_id]
-        if site_id in self.refs:
+        if site_id in self.ref_sites:
             return gold_target(grid, self.refs[site_id], params.boundary_px), np.ones(
                 (grid.height, grid.width), np.float32
             )
@@ -221,7 +258,7 @@ class Inputs:
         if "labels" not in self._keys:
             self._keys["labels"] = site_label_keys(self.labels, self.assignments)
         label_key = self._keys["labels"].get(site_id)
-        if site_id in self.refs:
+        if site_id in self.ref_sites:
             return content_key("gold", label_key)
         rec = self.upstream_keys("consensus").get(site_id)
         cons = rec[0] if rec is not None else file_hash(self.consensus_dir / f"{site_id}.tif")
@@ -232,24 +269,21 @@ def load_inputs(catalog: Catalog, version_dir: Path) -> Inputs:
     ds = catalog.datasets
     sites = read_table(version_dir / ds["sites"].uri).sort_values("site_id").reset_index(drop=True)
     tiles = read_table(version_dir / ds["tiles"].uri)
-    labels = read_table(version_dir / ds["labels"].uri)
     assignments = read_table(version_dir / ds["assignments"].uri)
     mean, std, names = band_stats(tiles, sites)
-    refs, voters = site_labels(labels, assignments, catalog.settings.reference_labellers)
     return Inputs(
         sites=sites,
-        grids={g.site_id: g for g in (SiteGrid.from_row(r) for _, r in sites.iterrows())},
+        grids={g.site_id: g for g in (SiteGrid.from_row(r) for r in sites.to_dict("records"))},
         scenes=scene_paths(catalog.input_path("imagery")),
         mean=mean,
         std=std,
         band_names=names,
-        refs=refs,
-        voters=voters,
         consensus_dir=version_dir / ds["consensus_rasters"].uri,
         cloud_threshold=catalog.settings.ingest.cloud_threshold,
         version_dir=Path(version_dir),
-        labels=labels,
         assignments=assignments,
+        labels_path=version_dir / ds["labels"].uri,
+        reference_labellers=tuple(catalog.settings.reference_labellers),
     )
 
 
@@ -294,7 +328,7 @@ class PreviousModel:
     def key(self) -> str:
         return str(self.card["model_key"])
 
-    @property
+    @cached_property
     def folds(self) -> dict[str, int]:
         return {str(s): int(k) for s, k in self.card["folds"].items()}
 
@@ -486,8 +520,10 @@ def run_train_stage(
         notes.append(f"fold not trained, no out-of-sample probabilities: {', '.join(unpredictable)}")
     carried = linked | ({MODEL_UNIT} if MODEL_UNIT in reuse.previous_keys("train") else set())
     artifacts = {
-        "oos_probabilities": folder_artifact(oos_dir, ds["oos_probabilities"].uri),
-        "model": folder_artifact(model_dir, ds["model"].uri, "model*"),
+        "oos_probabilities": folder_artifact(
+            oos_dir, ds["oos_probabilities"].uri, reuse=reuse, name="oos_probabilities"
+        ),
+        "model": folder_artifact(model_dir, ds["model"].uri, "model*", reuse, "model"),
         "reuse_keys/train": write_keys(version_dir, "train", {**keys, MODEL_UNIT: key}, carried, reuse),
     }
     counts = {
@@ -617,8 +653,10 @@ def train_models(
     (model_dir / CARD).write_text(json.dumps(card, indent=2, default=float), encoding="utf-8")
     timings["write"] = time.perf_counter() - t2 - timings["final"]
     artifacts = {
-        "oos_probabilities": folder_artifact(oos_dir, ds["oos_probabilities"].uri),
-        "model": folder_artifact(model_dir, ds["model"].uri, "model*"),
+        "oos_probabilities": folder_artifact(
+            oos_dir, ds["oos_probabilities"].uri, reuse=reuse, name="oos_probabilities"
+        ),
+        "model": folder_artifact(model_dir, ds["model"].uri, "model*", reuse, "model"),
         "reuse_keys/train": write_keys(version_dir, "train", {**keys, MODEL_UNIT: key}, (), reuse),
     }
     counts = {

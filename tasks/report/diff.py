@@ -18,24 +18,28 @@ from tasks.report.metrics import HEADLINE, num
 
 
 def site_label_digests(labels: pd.DataFrame, assignments: pd.DataFrame) -> dict[str, str]:
-    """Per site: BLAKE2b of its completed assignments and polygons (labeller, class, geometry WKB)."""
-    h: dict[str, hashlib.blake2b] = {}
+    """Per site: BLAKE2b of its completed assignments and polygons (labeller, class, geometry WKB).
 
-    def upd(site, *parts):
-        d = h.setdefault(str(site), hashlib.blake2b(digest_size=8))
-        for p in parts:
-            d.update(p if isinstance(p, bytes) else str(p).encode())
-            d.update(b"\x1f")
+    Each part is followed by a unit separator; a site's digest hashes its assignment parts (by labeller)
+    then its polygon parts (by polygon id)."""
+    parts: dict[str, list[bytes]] = {}
+
+    def text(v) -> bytes:
+        return v if isinstance(v, bytes) else str(v).encode()
 
     done = assignments[assignments["status"] == "completed"].sort_values(["site_id", "labeller_id"])
-    for r in done.itertuples():
-        upd(r.site_id, "A", r.labeller_id, r.n_polygons)
+    cols = [done[c].tolist() for c in ("site_id", "labeller_id", "n_polygons")]
+    for sid, lid, n in zip(*cols, strict=True):
+        parts.setdefault(str(sid), []).append(b"A\x1f" + text(lid) + b"\x1f" + text(n) + b"\x1f")
     if len(labels):
         lab = labels.sort_values("polygon_id")
         wkb = shapely.to_wkb(lab["geometry"].to_numpy())
-        for sid, lid, label, w in zip(lab["site_id"], lab["labeller_id"], lab["label"], wkb, strict=True):
-            upd(sid, "P", lid, "" if label is None or label != label else label, w)
-    return {k: v.hexdigest() for k, v in sorted(h.items())}
+        cols = [lab[c].tolist() for c in ("site_id", "labeller_id", "label")]
+        for sid, lid, label, w in zip(*cols, wkb.tolist(), strict=True):
+            cls = b"" if label is None or label != label else text(label)
+            part = b"P\x1f" + text(lid) + b"\x1f" + cls + b"\x1f" + w + b"\x1f"
+            parts.setdefault(str(sid), []).append(part)
+    return {k: hashlib.blake2b(b"".join(v), digest_size=8).hexdigest() for k, v in sorted(parts.items())}
 
 
 def fingerprints(art) -> dict:

@@ -45,7 +45,7 @@ def _rows(df: pd.DataFrame, n: int, score: str | None, kind: str | None) -> list
 
 def label_issues_section(art: Artifacts, n: int) -> dict:
     """Ranked issues (site-level regions or image-level items) and per-assignment issue summaries."""
-    issues, asg_issues = art.table("label_issues"), art.table("assignment_issues")
+    issues, asg_issues = art.attributes("label_issues"), art.table("assignment_issues")
     missing = [m for m in ("label_issues", "assignment_issues") if m in art.missing]
     if issues is None and asg_issues is None:
         return {"available": False, "missing": missing, "n_issues": None}
@@ -77,7 +77,7 @@ def label_issues_section(art: Artifacts, n: int) -> dict:
 
 def pseudo_labels_section(art: Artifacts, n_examples: int) -> dict:
     """Coverage of unlabelled sites, confidence, per-class threshold with its precision and recall."""
-    pl, th = art.table("pseudo_labels"), art.table("pseudo_label_thresholds")
+    pl, th = art.attributes("pseudo_labels"), art.table("pseudo_label_thresholds")
     missing = [m for m in ("pseudo_labels", "pseudo_label_thresholds") if m in art.missing]
     if not art.exists("pseudo_probabilities"):
         missing.append("pseudo_probabilities")
@@ -123,9 +123,14 @@ def pseudo_labels_section(art: Artifacts, n_examples: int) -> dict:
     return out
 
 
-def issue_geometries(art: Artifacts, site_id: str, labeller_id: str | None) -> list:
-    """Region polygons of one site's issues (native CRS) for the thumbnail, when the table has geometry."""
-    issues = art.table("label_issues")
+def issue_geometries(art: Artifacts, site_id: str, labeller_id: str | None, issues=None) -> list:
+    """Region polygons of one site's issues (native CRS) for the thumbnail, when the table has geometry.
+    ``issues``: the table's rows of (at least) that site, when the caller has read them."""
+    if issues is None:
+        attrs = art.attributes("label_issues")
+        if attrs is None or "site_id" not in attrs:
+            return []
+        issues = art.site_rows("label_issues", [site_id])
     if issues is None or "geometry" not in issues or "site_id" not in issues:
         return []
     sel = issues["site_id"].astype(str) == site_id

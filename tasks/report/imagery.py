@@ -81,26 +81,53 @@ def band_histograms(paths: dict[str, str], bins: int = 64) -> list[dict]:
     return out
 
 
-def read_window(path: str, grid: SiteGrid, indexes: list[int] | None = None, out_px: int | None = None):
-    """The site's pixels as float32 ``(bands, h, w)`` with NaN where nodata; None when unreadable."""
+def read_window(
+    path: str,
+    grid: SiteGrid,
+    indexes: list[int] | None = None,
+    out_px: int | None = None,
+    datasets: dict | None = None,
+):
+    """The site's pixels as float32 ``(bands, h, w)`` with NaN where nodata; None when unreadable.
+
+    ``datasets`` (path -> open dataset, filled here; the caller closes them) keeps scenes open across
+    calls. A full-resolution window inside the scene is read directly (the same pixels as a boundless
+    read, without its virtual warped dataset)."""
     try:
-        with rasterio.open(path) as ds:
-            win = from_bounds(*grid.bounds, transform=ds.transform).round_offsets().round_lengths()
-            idx = indexes or list(range(1, ds.count + 1))
-            h, w = (out_px, out_px) if out_px else (int(win.height), int(win.width))
-            a = ds.read(
-                idx,
-                window=win,
-                out_shape=(len(idx), h, w),
-                boundless=True,
-                fill_value=ds.nodata or 0,
-                resampling=Resampling.nearest,
-            ).astype(np.float32)
-            if ds.nodata is not None:
-                a[:, (a == ds.nodata).any(axis=0)] = np.nan
-            return a
+        if datasets is None:
+            with rasterio.open(path) as ds:
+                return _read_window(ds, grid, indexes, out_px)
+        if path not in datasets:
+            datasets[path] = rasterio.open(path)
+        return _read_window(datasets[path], grid, indexes, out_px)
     except (rasterio.errors.RasterioError, OSError, ValueError):
         return None
+
+
+def _read_window(ds, grid: SiteGrid, indexes: list[int] | None, out_px: int | None) -> np.ndarray:
+    win = from_bounds(*grid.bounds, transform=ds.transform).round_offsets().round_lengths()
+    idx = indexes or list(range(1, ds.count + 1))
+    h, w = (out_px, out_px) if out_px else (int(win.height), int(win.width))
+    inside = (
+        win.col_off >= 0
+        and win.row_off >= 0
+        and win.col_off + win.width <= ds.width
+        and win.row_off + win.height <= ds.height
+    )
+    if out_px is None and inside:
+        a = ds.read(idx, window=win).astype(np.float32)
+    else:
+        a = ds.read(
+            idx,
+            window=win,
+            out_shape=(len(idx), h, w),
+            boundless=True,
+            fill_value=ds.nodata or 0,
+            resampling=Resampling.nearest,
+        ).astype(np.float32)
+    if ds.nodata is not None:
+        a[:, (a == ds.nodata).any(axis=0)] = np.nan
+    return a
 
 
 def stretch(a: np.ndarray, lo=None, hi=None) -> np.ndarray:

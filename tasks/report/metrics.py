@@ -80,8 +80,8 @@ def _mean(s) -> float | None:
 
 def sizes(art: Artifacts) -> dict:
     sites, tiles, asg = art.table("sites"), art.table("tiles"), art.table("assignments")
-    labels, sc = art.table("labels"), art.table("site_consensus")
-    cl, items = art.table("consensus_labels"), art.table("item_consensus")
+    labels, sc = art.attributes("labels"), art.table("site_consensus")
+    cl, items = art.attributes("consensus_labels"), art.table("item_consensus")
     done = asg[asg["status"] == "completed"]
     crowd = done[~done["is_reference"].astype(bool)]
     return {
@@ -104,7 +104,7 @@ def sizes(art: Artifacts) -> dict:
 
 
 def labels_section(art: Artifacts, max_rows: int) -> dict:
-    sites, asg, labels = art.table("sites"), art.table("assignments"), art.table("labels")
+    sites, asg, labels = art.table("sites"), art.table("assignments"), art.attributes("labels")
     role = sites.set_index("site_id")["role"]
     lab = labels.assign(label=labels["label"].fillna(UNCLASSED), role=labels["site_id"].map(role))
     asg = asg.assign(role=asg["site_id"].map(role))
@@ -253,7 +253,7 @@ def quality_section(art: Artifacts, consensus_settings: dict) -> dict:
 
 
 def consensus_section(art: Artifacts, settings: ReportSettings) -> dict:
-    sc, cl = art.table("site_consensus"), art.table("consensus_labels")
+    sc, cl = art.table("site_consensus"), art.attributes("consensus_labels")
     cols = [
         "site_id",
         "role",

@@ -31,11 +31,14 @@ STYLE = {
 }
 ROLE_COLOURS = {"gold": "#d4a017", "multi": "#2563eb", "single": "#60a5fa", "unlabelled": "#d1d5db"}
 MAX_PANELS = 24
+MAX_BOARD = 40  # leaderboard rows drawn
+MAX_COMPONENTS = 30  # leaderboard rows in the components chart
 
 
 def save(fig, out_dir: Path, name: str) -> str:
     fmt = name.rsplit(".", 1)[-1]
     meta = {"Date": None} if fmt == "svg" else {"Software": None}
+    (out_dir / name).unlink(missing_ok=True)  # a new file: never write through a link to a previous one
     fig.savefig(out_dir / name, format=fmt, bbox_inches="tight", metadata=meta, dpi=100)
     plt.close(fig)
     return name
@@ -199,7 +202,7 @@ def _interval_rows(board, m):
 
 @drawn
 def leaderboard(quality: dict, out: Path) -> str | None:
-    rows = quality["leaderboard"][:40]
+    rows = quality["leaderboard"][:MAX_BOARD]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 0.7 + 0.3 * len(rows)))
@@ -224,7 +227,7 @@ def leaderboard(quality: dict, out: Path) -> str | None:
 
 @drawn
 def components(quality: dict, labels: dict[str, str], out: Path) -> str | None:
-    board = quality["leaderboard"][:30]
+    board = quality["leaderboard"][:MAX_COMPONENTS]
     if not any(r.get("iou_mean") is not None for r in board):
         return None
     fig, axes = _grid(len(labels), cols=3, w=3.0, h=0.6 + 0.22 * len(board))

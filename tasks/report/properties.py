@@ -65,8 +65,12 @@ def _band_range(tiles: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.maximum(hi, lo + 1e-6)
 
 
-def sample_patches(art: Artifacts, scenes: dict[str, str], s: ReportSettings):
-    """Seeded sample of (features, label or -1) from the site tiles; labels from the consensus probability."""
+def sample_patches(art: Artifacts, scenes: dict[str, str], s: ReportSettings, visited: list | None = None):
+    """Seeded sample of (features, label or -1) from the site tiles; labels from the consensus probability.
+
+    ``visited`` (a list) receives the sites read, in order: the only sites whose rasters the result
+    depends on (the report's reuse key names their consensus rasters)."""
+    visited = [] if visited is None else visited
     sites, tiles = art.table("sites"), art.table("tiles")
     if not len(sites) or not scenes:
         return np.zeros((0, 0), np.float32), np.zeros(0, int)
@@ -75,15 +79,28 @@ def sample_patches(art: Artifacts, scenes: dict[str, str], s: ReportSettings):
     rng = np.random.default_rng(s.seed)
     order = rng.permutation(len(sites))
     per_site = max(4, math.ceil(s.property_patches / len(sites)))
-    p, f = s.patch_px, s.patch_feature_px
     feats, labels = [], []
+    opened: dict = {}  # each scene is opened once
+    try:
+        _sample(art, scenes, s, sites, lo, hi, rng, order, per_site, feats, labels, visited, opened)
+    finally:
+        for ds in opened.values():
+            ds.close()
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros(0, int)
+    return np.asarray(feats[: s.property_patches], np.float32), np.asarray(labels[: s.property_patches])
+
+
+def _sample(art, scenes, s, sites, lo, hi, rng, order, per_site, feats, labels, visited, opened) -> None:
+    p, f = s.patch_px, s.patch_feature_px
     for i in order:
         row = sites.iloc[int(i)]
         path = scenes.get(str(row["scene_id"]))
         if path is None:
             continue
         grid = SiteGrid.from_row(row)
-        a = read_window(path, grid)
+        visited.append(grid.site_id)
+        a = read_window(path, grid, datasets=opened)
         if a is None:
             continue
         prob = read_band(art.raster_path("consensus_rasters", grid.site_id), 1, a.shape[1])
@@ -100,19 +117,27 @@ def sample_patches(art: Artifacts, scenes: dict[str, str], s: ReportSettings):
             labels.append(-1 if pr is None or not np.isfinite(pr).all() else int((pr >= 0.5).mean() >= 0.5))
         if len(feats) >= s.property_patches:
             break
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros(0, int)
-    return np.asarray(feats[: s.property_patches], np.float32), np.asarray(labels[: s.property_patches])
 
 
-def properties_section(art: Artifacts, scenes: dict[str, str], s: ReportSettings, consensus: dict) -> dict:
-    x, y = sample_patches(art, scenes, s)
+SAMPLED = ("intrinsic_dimension", "label_sharpness", "sample_sites")  # what the patch sample gives
+
+
+def properties_section(
+    art: Artifacts, scenes: dict[str, str], s: ReportSettings, consensus: dict, sampled: dict | None = None
+) -> dict:
+    """Class and spatial balance, and (unless ``sampled`` gives them: the ``SAMPLED`` entries of a
+    version whose sample read the same pixels) intrinsic dimension and label sharpness."""
+    out = {"class_balance": class_balance(art, consensus), "spatial_balance": spatial_balance(art)}
+    return {**out, **(sampled if sampled is not None else sampled_properties(art, scenes, s))}
+
+
+def sampled_properties(art: Artifacts, scenes: dict[str, str], s: ReportSettings) -> dict:
+    visited: list[str] = []
+    x, y = sample_patches(art, scenes, s, visited)
     lab = y >= 0
     f = s.patch_feature_px
     feats = f"{s.patch_px} px patches averaged to {f}x{f} px, bands scaled to [0, 1]"
     return {
-        "class_balance": class_balance(art, consensus),
-        "spatial_balance": spatial_balance(art),
         "intrinsic_dimension": {
             "mle": num(mle_dimension(x, s.mle_k)) if len(x) else None,
             "twonn": num(twonn(x)) if len(x) else None,
@@ -128,6 +153,7 @@ def properties_section(art: Artifacts, scenes: dict[str, str], s: ReportSettings
             "label": "consensus field (probability >= 0.5) on at least half of the patch",
             "features": feats,
         },
+        "sample_sites": visited,
     }
 
 

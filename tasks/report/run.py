@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+import PIL
+import shapely
 
 from schemas.catalog import Catalog
 from tasks.report import pages, pages_dataset, pages_quality, plots
@@ -36,10 +39,14 @@ from tasks.report.metrics import (
     sizes,
 )
 from tasks.report.params import ReportSettings, report_settings
-from tasks.report.properties import properties_section
-from tasks.report.thumbs import field_probability, read_band, site_panels
+from tasks.report.properties import SAMPLED, properties_section
+from tasks.report.properties import _band_range as _prop_band_range
+from tasks.report.reuse import STAGE as REPORT_STAGE
+from tasks.report.reuse import ReportReuse
+from tasks.report.thumbs import field_probability, read_band, safe_name, site_panels
 from tasks.store.artifacts import bytes_hash, file_hash
 from tasks.store.grid import SiteGrid
+from tasks.store.reuse import Reuse, code_key, content_key
 from tasks.store.stage_result import StageResult
 from tasks.store.versions import DRAFT_PREFIX, MANIFEST
 
@@ -75,7 +82,7 @@ def version_id_of(version_dir: Path) -> str:
     return version_dir.name.removeprefix(DRAFT_PREFIX)
 
 
-def table_metrics(art: Artifacts, catalog: Catalog, s: ReportSettings) -> dict:
+def table_metrics(art: Artifacts, catalog: Catalog, s: ReportSettings, rr: ReportReuse | None = None) -> dict:
     """Every section that needs tables only (cheap: also used for a previous version without metrics)."""
     m = {
         "sizes": sizes(art),
@@ -115,8 +122,14 @@ def run_report_stage(
     previous_version_dir: str | Path | None = None,
     provenance: dict | None = None,
     version_id: str | None = None,
+    reuse: Reuse | None = None,
 ) -> ReportStageResult:
-    """Write ``metrics.json`` and ``report/`` into ``version_dir`` (a draft or a published version)."""
+    """Write ``metrics.json`` and ``report/`` into ``version_dir`` (a draft or a published version).
+
+    ``reuse``: the previous version whose unchanged parts (band histograms, sampled properties, figures,
+    thumbnails; see ``tasks.report.reuse``) are taken over; None computes everything (keys are still
+    written). Either way ``metrics.json`` holds the same numbers.
+    """
     version_dir = Path(version_dir)
     s = report_settings(catalog.settings.report)
     art = Artifacts(catalog, version_dir)
@@ -124,6 +137,11 @@ def run_report_stage(
     notes: list[str] = []
     t: dict[str, float] = {}
     t0 = time.perf_counter()
+    report_uri, metrics_uri = _uri(catalog, "report", "report"), _uri(catalog, "metrics", "metrics.json")
+    if provenance is None:
+        provenance = load_metrics(version_dir, MANIFEST) or {}
+    rr = ReportReuse(reuse, version_dir, report_uri, metrics_uri)
+    rr.set_scene_hashes(provenance)
     m = {
         "schema_version": SCHEMA_VERSION,
         "version_id": version_id or version_id_of(version_dir),
@@ -139,31 +157,31 @@ def run_report_stage(
     m.update(table_metrics(art, catalog, s))
     if not scenes:
         notes.append("imagery inputs not found: no band histograms, thumbnails show no image")
-    m["imagery"]["band_histograms"] = band_histograms(scenes)
+    m["imagery"]["band_histograms"] = _band_histograms(scenes, rr)
     t["metrics"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    m["properties"] = properties_section(art, scenes, s, m["consensus"])
+    m["properties"] = _properties(art, scenes, s, m["consensus"], rr)
     t["properties"] = time.perf_counter() - t1
     prev = previous_metrics(catalog, previous_version_dir, s, notes)
     m["changes"] = changes(m, prev, s.max_table_rows)
-    m["provenance"] = provenance if provenance is not None else (load_metrics(version_dir, MANIFEST) or {})
+    m["provenance"] = provenance
     m["missing_artifacts"] = sorted(set(art.missing))
     m["alerts"] = alerts(m, prev, s, art.missing)
     notes += [f"{k} unreadable: {v}" for k, v in art.unreadable.items()]
 
-    out = version_dir / _uri(catalog, "report", "report")
+    out = version_dir / report_uri
     if out.exists():
         shutil.rmtree(out)
     (out / "figures").mkdir(parents=True)
     t2 = time.perf_counter()
-    m["assets"] = {"figures": _figures(art, m, scenes, out / "figures")}
+    m["assets"] = {"figures": _figures(art, m, scenes, out / "figures", rr)}
     t["figures"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    m["assets"].update(_thumbnails(art, m, scenes, s, catalog, out / "thumbs"))
+    m["assets"].update(_thumbnails(art, m, scenes, s, catalog, out / "thumbs", rr))
     t["thumbnails"] = time.perf_counter() - t3
     t4 = time.perf_counter()
     sizes_ = write_site(m, out)
-    metrics_path = version_dir / _uri(catalog, "metrics", "metrics.json")
+    metrics_path = version_dir / metrics_uri
     metrics_path.write_text(json.dumps(m, indent=1, sort_keys=False, default=str), encoding="utf-8")
     t["pages"] = time.perf_counter() - t4
     big = [p for p, n in sizes_.items() if n > 2_000_000]
@@ -178,52 +196,150 @@ def run_report_stage(
         },
         "metrics": {"path": metrics_path.name, "rows": 1, "checksum": file_hash(metrics_path)},
     }
+    artifacts[f"reuse_keys/{REPORT_STAGE}"], reuse_counts_ = rr.write()
     counts = {
         "report_pages": len(sizes_),
         "report_files": len(files),
         "report_bytes": sum(p.stat().st_size for p in files),
         "report_alerts": len(m["alerts"]),
+        **reuse_counts_,
     }
     return ReportStageResult(artifacts, t, counts, notes, str(out / "index.html"), m["headline"], m["alerts"])
 
 
-def _figures(art: Artifacts, m: dict, scenes: dict, out: Path) -> dict[str, str]:
+def _figures(art: Artifacts, m: dict, scenes: dict, out: Path, rr: ReportReuse) -> dict[str, str]:
+    """Every figure, keyed by the data it draws: one whose data is unchanged is linked from the previous
+    report instead of being drawn again."""
     sites = art.table("sites")
     risk = {r["site_id"]: r["mean_risk"] for r in m["consensus"]["sites"] if r.get("role") != "gold"}
-    made = {
-        "map_coverage": plots.coverage_map(scene_footprints(scenes), sites, out),
-        "map_risk": plots.risk_map(sites, risk, out),
-        "bands": plots.band_histograms(m["imagery"]["band_histograms"], out),
-        "tile_quality": plots.tile_quality(m["imagery"], out),
-        "label_counts": plots.label_counts(m["labels"], out),
-        "polygon_area": plots.area_hist(m["labels"], out),
-        "leaderboard": plots.leaderboard(m["quality"], out),
-        "components": plots.components(m["quality"], {k: dict(MEASURES)[k] for k in COMPONENTS}, out),
-        "drift": plots.drift(m["quality"], out),
-        "confusion": plots.confusion(m["quality"], out),
-        "risk_distribution": plots.risk_distribution(m["consensus"], out),
-        "pseudo_confidence": plots.histogram(
-            m["pseudo_labels"].get("confidence_hist"), "confidence", out, "pseudo_confidence.svg"
+    foot = scene_footprints(scenes)
+    geo = sites[[c for c in ("site_id", "role", "geometry") if c in sites]]
+    q, measures = m["quality"], {k: dict(MEASURES)[k] for k in COMPONENTS}
+    lb, cons, props = m["labels"], m["consensus"], m["properties"]
+    conf = m["pseudo_labels"].get("confidence_hist")
+    crs = str(getattr(sites, "crs", None))
+    # (draw, the data it reads: its key) -- only what the function reads, so unrelated changes of the
+    # same metrics section do not redraw it
+    specs = {
+        "map_coverage": (
+            lambda: plots.coverage_map(foot, sites, out),
+            [[(sid, g.wkb) for sid, g in foot], geo, crs],
         ),
-        "balance": plots.balance(m["properties"], out),
+        "map_risk": (lambda: plots.risk_map(sites, risk, out), [geo, crs, risk]),
+        "bands": (
+            lambda: plots.band_histograms(m["imagery"]["band_histograms"], out),
+            m["imagery"]["band_histograms"],
+        ),
+        "tile_quality": (
+            lambda: plots.tile_quality(m["imagery"], out),
+            [m["imagery"]["scenes"], m["imagery"]["tiles"]],
+        ),
+        "label_counts": (lambda: plots.label_counts(lb, out), [lb["by_labeller"], lb["by_role"]]),
+        "polygon_area": (lambda: plots.area_hist(lb, out), lb["area_m2_hist"]),
+        "leaderboard": (lambda: plots.leaderboard(q, out), q["leaderboard"][: plots.MAX_BOARD]),
+        "components": (
+            lambda: plots.components(q, measures, out),
+            [
+                measures,
+                [
+                    [r["labeller_id"]] + [r.get(f"{k}_{x}") for k in measures for x in ("mean", "lo", "hi")]
+                    for r in q["leaderboard"][: plots.MAX_COMPONENTS]
+                ],
+            ],
+        ),
+        "drift": (
+            lambda: plots.drift(q, out),
+            [
+                q["drift"],
+                q.get("trust_threshold"),
+                [(r["labeller_id"], r.get("drift_slope_per_day")) for r in q["leaderboard"]],
+            ],
+        ),
+        "confusion": (lambda: plots.confusion(q, out), q["item_confusion"]),
+        "risk_distribution": (
+            lambda: plots.risk_distribution(cons, out),
+            [
+                cons["n_scored_sites"],
+                cons["reference"],
+                cons["mean_risk_hist"],
+                cons["mean_risk_quartiles"],
+                cons["risky_fraction_quartiles"],
+            ],
+        ),
+        "pseudo_confidence": (
+            lambda: plots.histogram(conf, "confidence", out, "pseudo_confidence.svg"),
+            conf,
+        ),
+        "balance": (
+            lambda: plots.balance(props, out),
+            [props["spatial_balance"]["scenes"], props["class_balance"].get("item_classes", {})],
+        ),
     }
+    code = code_key("tasks.report.plots")
+    prev = ((rr.prev_metrics or {}).get("assets") or {}).get("figures") or {}
+    made: dict[str, str | None] = {}
+    for name, (draw, data) in specs.items():
+        unit = f"figure/{name}"
+        if rr.hit(unit, content_key(unit, data, code, matplotlib.__version__)):
+            src = prev.get(name)
+            if src is None or rr.link([src], out.parent):  # None: nothing to show then, nor now
+                made[name] = None if src is None else Path(src).name
+                rr.took(unit)
+                continue
+        made[name] = draw()
     return {k: f"figures/{v}" for k, v in made.items() if v}
 
 
-def _thumbnails(art, m, scenes, s: ReportSettings, catalog: Catalog, out: Path) -> dict[str, list]:
+PANEL_FILES = ("image", "consensus", "issue", "pseudo", "risk", "probability")  # entries naming a file
+
+
+def _thumbnails(
+    art, m, scenes, s: ReportSettings, catalog: Catalog, out: Path, rr: ReportReuse
+) -> dict[str, list]:
+    """Thumbnail panels of the riskiest sites, the top issues and pseudo-label examples. Each site's
+    panels are a unit keyed by what they draw (its pixels, polygons, the raster of its heat panel);
+    unchanged ones are linked from the previous report with the entry its metrics.json recorded."""
     sites = art.table("sites").set_index("site_id", drop=False)
     bands = list(art.table("tiles")["band_names"].iloc[0]) if len(art.table("tiles")) else []
     classes = list(catalog.settings.label_classes)
-    labels, cons = art.table("labels"), art.table("consensus_labels")
     band_range = _band_range(art.table("tiles"))
+    riskiest_ids = list(m["consensus"]["riskiest"])
+    issue_rows = [r for r in m["label_issues"].get("top", []) or [] if r.get("site_id") is not None]
+    examples = list(m["pseudo_labels"].get("examples", []) or [])
+    # the polygons of the sites drawn, read for those sites only
+    labels = art.site_rows("labels", riskiest_ids + [r["site_id"] for r in issue_rows])
+    cons = art.site_rows("consensus_labels", riskiest_ids)
     by_site = {k: g for k, g in labels.groupby("site_id")} if len(labels) else {}
     cons_by_site = {k: g for k, g in cons.groupby("site_id")} if len(cons) else {}
+    li_rows = None
+    li_attrs = art.attributes("label_issues")
+    if li_attrs is not None and "site_id" in li_attrs and issue_rows:
+        li_rows = art.site_rows("label_issues", [r["site_id"] for r in issue_rows])
+    common = [
+        bands,
+        band_range,
+        classes,
+        s.thumb_px,
+        code_key("tasks.report.thumbs", "tasks.report.imagery"),
+        matplotlib.__version__,
+        PIL.__version__,
+    ]
+    prev_assets = (rr.prev_metrics or {}).get("assets") or {}
 
-    def panels(site_id, who: str | None = None, **kw):
-        """Panels of a site; ``who``: None = every labeller, "" = no labeller panel, else one labeller."""
+    def previous(kind: str, site_id: str, who=None) -> dict | None:
+        for e in prev_assets.get(kind) or []:
+            if e.get("site_id") == site_id and (kind != "issues" or e.get("labeller_id") == who):
+                return {k: v for k, v in e.items() if k not in ("rank", "labeller_id")}
+        return None
+
+    def panels(unit, prev, site_id, who: str | None = None, overlays=None, heat=None, stem=None):
+        """Panels of a site; ``who``: None = every labeller, "" = no labeller panel, else one labeller.
+        ``heat``: (panel name, stage, raster path, read(path) -> values, vmax, colormap)."""
         if site_id not in sites.index:
             return None
         row = sites.loc[site_id]
+        grid = SiteGrid.from_row(row)
+        scene = scenes.get(str(row["scene_id"]))
         polys = None
         if who != "":
             lab = by_site.get(site_id, labels.iloc[:0])
@@ -235,52 +351,159 @@ def _thumbnails(art, m, scenes, s: ReportSettings, catalog: Catalog, out: Path) 
             }
             if who is not None:
                 polys.setdefault(who, [])
+        overlays = overlays or {}
+        scene_key = rr.scene_key(scene)
+        key = None
+        if scene_key is not None:
+            key = content_key(
+                unit,
+                common,
+                [grid.site_id, grid.crs, list(grid.transform), grid.width, grid.height],
+                scene_key,
+                None if polys is None else [(k, _shapes(v)) for k, v in sorted(polys.items())],
+                [(k, _shapes(v)) for k, v in overlays.items()],
+                None if heat is None else [heat[0], rr.upstream(heat[1], site_id, heat[2]), heat[4], heat[5]],
+                stem,
+            )
+        if rr.hit(unit, key) and prev is not None:
+            files = [prev[k] for k in PANEL_FILES if isinstance(prev.get(k), str)]
+            files += [lp["src"] for lp in prev.get("labellers", [])]
+            if rr.link(files, out.parent):
+                rr.took(unit)
+                return prev
+        heat_values = None if heat is None else (heat[0], heat[3](heat[2]), heat[4], heat[5])
         return site_panels(
-            SiteGrid.from_row(row),
-            scenes.get(str(row["scene_id"])),
+            grid,
+            scene,
             bands,
             out,
             "thumbs",
             classes,
             s.thumb_px,
             labeller_polys=polys,
+            overlays=overlays,
+            heat_values=heat_values,
             band_range=band_range,
-            **kw,
+            stem=stem,
         )
 
     def cons_polys(site_id):
         c = cons_by_site.get(site_id)
         return [] if c is None else list(zip(c["class"], c["geometry"], strict=True))
 
+    def risk_band(path):
+        return read_band(path, 2, s.thumb_px)
+
+    def p_field(path):
+        return field_probability(path, s.thumb_px)
+
     riskiest = []
-    for sid in m["consensus"]["riskiest"]:
-        risk = read_band(art.raster_path("consensus_rasters", sid), 2, s.thumb_px)
-        p = panels(sid, overlays={"consensus": cons_polys(sid)}, heat_values=("risk", risk, 0.5, "magma"))
+    for sid in riskiest_ids:
+        path = art.raster_path("consensus_rasters", sid)
+        p = panels(
+            f"thumbs/riskiest/{sid}",
+            previous("riskiest", sid),
+            sid,
+            overlays={"consensus": cons_polys(sid)},
+            heat=("risk", "consensus", path, risk_band, 0.5, "magma"),
+        )
         if p:
             riskiest.append(p)
-    issues = []
+    issues, drawn_issues = [], {}
     for i, r in enumerate(m["label_issues"].get("top", []) or []):
         sid = r.get("site_id")
         if sid is None:
             continue
         who = r.get("labeller_id")
-        p = panels(sid, who=who, overlays={"issue": issue_geometries(art, sid, who)})
+        if (sid, who) not in drawn_issues:  # one site and labeller: the same panels for each of its issues
+            drawn_issues[sid, who] = panels(
+                f"thumbs/issues/{sid}/{who}",
+                previous("issues", sid, who),
+                sid,
+                who=who,
+                overlays={"issue": issue_geometries(art, sid, who, li_rows) if li_rows is not None else []},
+                stem=safe_name(f"{sid}/issue/{who}"),  # not the riskiest panels' file names
+            )
+        p = drawn_issues[sid, who]
         if p:
             issues.append({**p, "rank": i + 1, "labeller_id": r.get("labeller_id")})
     pseudo = []
-    pl = art.table("pseudo_labels")
-    for sid in m["pseudo_labels"].get("examples", []) or []:
-        prob = field_probability(art.raster_path("pseudo_probabilities", sid), s.thumb_px)
+    pl = art.site_rows("pseudo_labels", examples)
+    for sid in examples:
         over = {}
         if pl is not None and "geometry" in pl and "site_id" in pl:
             g = pl[pl["site_id"].astype(str) == sid]
             g = g[g["kept"].astype(bool)] if "kept" in g else g
             cls = g["class"] if "class" in g else pd.Series([None] * len(g), index=g.index)
             over["pseudo"] = list(zip(cls, g["geometry"], strict=True))
-        p = panels(sid, who="", overlays=over, heat_values=("probability", prob, 1.0, "viridis"))
+        path = art.raster_path("pseudo_probabilities", sid)
+        p = panels(
+            f"thumbs/pseudo/{sid}",
+            previous("pseudo", sid),
+            sid,
+            who="",
+            overlays=over,
+            heat=("probability", "pseudo_labels", path, p_field, 1.0, "viridis"),
+        )
         if p:
             pseudo.append(p)
     return {"riskiest": riskiest, "issues": issues, "pseudo": pseudo}
+
+
+def _shapes(pairs) -> list:
+    """(label, geometry) pairs as keyable parts: the label as text ('' for none) and the geometry's WKB."""
+    return [
+        ("" if lab is None or lab != lab else str(lab), b"" if g is None else shapely.to_wkb(g))
+        for lab, g in pairs
+    ]
+
+
+def _band_histograms(scenes: dict[str, str], rr: ReportReuse) -> list[dict]:
+    """Band histograms of the scenes, keyed by the scene files' content hashes."""
+    parts = rr.scenes_key(scenes)
+    key = None if parts is None else content_key("band_histograms", parts, code_key("tasks.report.imagery"))
+    prev = ((rr.prev_metrics or {}).get("imagery") or {}).get("band_histograms")
+    if rr.hit("band_histograms", key) and prev is not None:
+        rr.took("band_histograms")
+        return prev
+    return band_histograms(scenes)
+
+
+def _properties(art: Artifacts, scenes: dict, s: ReportSettings, consensus: dict, rr: ReportReuse) -> dict:
+    """The properties section; its patch sample is reused when it would read the same pixels: same sites
+    (grids, order), band ranges, scene files and settings, and the same consensus rasters of the sites
+    the previous sample visited (with those inputs unchanged, this sample visits the same sites)."""
+    sites, tiles = art.table("sites"), art.table("tiles")
+    scene_part = rr.scenes_key(scenes)
+    x_key = None
+    if scene_part is not None:
+        n = len(tiles["band_names"].iloc[0]) if len(tiles) else 0
+        grids = (SiteGrid.from_row(r) for r in sites.to_dict("records"))
+        x_key = content_key(
+            "properties/x",
+            [  # the sites in table order (the sample's order is a permutation of it), their grids
+                (g.site_id, str(sc), g.crs, list(g.transform), g.width, g.height)
+                for g, sc in zip(grids, sites["scene_id"], strict=True)
+            ],
+            [np.asarray(v) for v in _prop_band_range(tiles, n)] if n else None,
+            scene_part,
+            s.model_dump(include={"seed", "property_patches", "patch_px", "patch_feature_px", "mle_k"}),
+            code_key("tasks.report.properties", "tasks.report.imagery", "tasks.report.thumbs"),
+        )
+
+    def key(visited: list[str]) -> str:
+        rasters = [(v, rr.upstream("consensus", v, art.raster_path("consensus_rasters", v))) for v in visited]
+        return content_key("properties", x_key, rasters)
+
+    prev = (rr.prev_metrics or {}).get("properties") or {}
+    known = isinstance(prev.get("sample_sites"), list) and all(k in prev for k in SAMPLED)
+    if x_key is not None and known and rr.hit("properties", key(prev["sample_sites"])):
+        rr.took("properties")
+        return properties_section(art, scenes, s, consensus, {k: prev[k] for k in SAMPLED})
+    out = properties_section(art, scenes, s, consensus)
+    if x_key is not None:
+        rr.hit("properties", key(out["sample_sites"]))
+    return out
 
 
 def _band_range(tiles: pd.DataFrame) -> tuple | None:

@@ -14,6 +14,7 @@ from tasks.report.metrics import HEADLINE
 from tasks.report.pages import fmt
 from tasks.report.run import run_report_stage, version_id_of
 from tasks.store.errors import retry_on_transient_io
+from tasks.store.reuse import Reuse
 
 ARTIFACT_KEY = "labelrefinery-report"
 
@@ -60,10 +61,12 @@ def report_task(
     previous_version_dir: str | None = None,
     provenance: dict | None = None,
     upstream: object = None,
+    reuse: Reuse | None = None,
 ) -> dict:
-    """Build ``metrics.json`` and the static report in the draft; publish a Prefect markdown artifact."""
+    """Build ``metrics.json`` and the static report in the draft; publish a Prefect markdown artifact.
+    ``reuse``: the previous version whose unchanged report parts are taken over (None: build all)."""
     catalog = load_catalog(catalog_path)
-    result = asdict(run_report_stage(catalog, version_dir, previous_version_dir, provenance))
+    result = asdict(run_report_stage(catalog, version_dir, previous_version_dir, provenance, reuse=reuse))
     try:
         from prefect.artifacts import create_markdown_artifact
 

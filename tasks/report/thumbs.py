@@ -94,6 +94,7 @@ def heat(base: np.ndarray, values: np.ndarray, vmax: float, cmap: str = "magma")
 
 def save_png(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a new file: never write through a link to a previous version's panel
     img.convert("RGB").quantize(colors=96).save(path, optimize=True)
 
 
@@ -124,11 +125,13 @@ def site_panels(
     overlays: dict[str, list] | None = None,
     heat_values: tuple[str, np.ndarray | None, float, str] | None = None,
     band_range: tuple | None = None,
+    stem: str | None = None,
 ) -> dict:
     """Write the panels of one site under ``out_dir``; return their paths relative to the report root.
 
     ``overlays`` maps a panel name (consensus, issue, pseudo) to (label, geometry) pairs in the grid CRS;
-    ``heat_values`` is (panel name, px x px array, vmax, colormap).
+    ``heat_values`` is (panel name, px x px array, vmax, colormap). ``stem`` starts the file names
+    (default: from the site id); panels of one site drawn twice with other content need their own.
     """
     lo, hi = band_range or (None, None)
     base = rgb_image(scene_path, grid, band_names, px, lo, hi) if scene_path else None
@@ -136,7 +139,7 @@ def site_panels(
     if base is None:
         base = np.full((px, px, 3), 128, np.uint8)
         note = "imagery not readable"
-    stem = safe_name(grid.site_id)
+    stem = stem or safe_name(grid.site_id)
     out: dict = {"site_id": grid.site_id, "note": note}
 
     def put(img: Image.Image, suffix: str) -> str:
