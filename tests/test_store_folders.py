@@ -50,3 +50,35 @@ def test_no_previous_record_reads_every_file(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     assert previous_record(tmp_path, "r") == (None, {})
     assert folder_record(tmp_path / "r", "r")["checksum"] == _full(tmp_path / "r")
+
+
+def test_writes_never_go_through_a_link_to_a_published_file(tmp_path):
+    """A retried task rewrites a unit it had linked: the published version's file must stay as it was."""
+    import numpy as np
+    import pandas as pd
+    import rasterio
+
+    from tasks.store.artifacts import file_hash, write_table
+    from tasks.store.grid import SiteGrid
+    from tasks.store.rasters import write_site_raster
+    from tasks.store.reuse import link_or_copy
+
+    published, draft = tmp_path / "v1", tmp_path / "v2"
+    grid = SiteGrid("s", "EPSG:32633", (2.0, 0.0, 0.0, 0.0, -2.0, 40.0), 20, 20)
+    published.mkdir()
+    draft.mkdir()
+    write_site_raster(published / "s.tif", grid, np.zeros((1, 20, 20)), ["p"])
+    keys = pd.DataFrame({"stage": ["x"], "unit_id": ["s"], "key": ["a" * 32], "computed_in": ["v1"]})
+    write_table("reuse_keys", keys, published / "keys.parquet")
+    before = {p.name: file_hash(p) for p in published.iterdir()}
+
+    for name in before:
+        link_or_copy(published / name, draft / name)
+        link_or_copy(published / name, draft / name)  # twice: the retry links again over its own link
+    write_site_raster(draft / "s.tif", grid, np.ones((1, 20, 20)), ["p"])
+    write_table("reuse_keys", keys.assign(key="b" * 32), draft / "keys.parquet")
+
+    assert {p.name: file_hash(p) for p in published.iterdir()} == before
+    with rasterio.open(draft / "s.tif") as src:
+        assert src.read(1).min() == 1.0
+    assert os.stat(draft / "s.tif").st_ino != os.stat(published / "s.tif").st_ino

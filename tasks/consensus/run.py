@@ -46,7 +46,7 @@ from tasks.consensus.stage import (
     site_pattern_counts,
     site_voters,
 )
-from tasks.store.artifacts import bytes_hash, file_hash, read_table, write_table
+from tasks.store.artifacts import bytes_hash, file_hash, read_table, unshare, write_table
 from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
@@ -438,7 +438,7 @@ def _plain(df: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def _write_model(model: ConsensusModel, path: Path) -> dict:
     text = model.to_json()
-    path.write_text(text, encoding="utf-8")
+    unshare(path).write_text(text, encoding="utf-8")
     return {"path": path.name, "rows": model.n_labellers, "checksum": bytes_hash(text.encode())}
 
 

@@ -66,7 +66,7 @@ from tasks.learn.train import (
     pixel_metrics,
     predict_sites,
 )
-from tasks.store.artifacts import bytes_hash, file_hash, read_table
+from tasks.store.artifacts import bytes_hash, file_hash, read_table, unshare
 from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
@@ -610,7 +610,9 @@ def train_models(
             keys[e.site_id] = oos_key(key, f"fold{k}", inp.tile_key(e.site_id), params, env)
         fold_ckpts[str(k)] = fold_checkpoint(k)
         save_checkpoint(
-            model_dir / fold_ckpts[str(k)], model.cpu(), {"model_key": key, "fold": k, "training": rec}
+            unshare(model_dir / fold_ckpts[str(k)]),
+            model.cpu(),
+            {"model_key": key, "fold": k, "training": rec},
         )
         records.append({"fold": k, "held_out": len(held), **rec})
         oos_probs += probs
@@ -649,8 +651,8 @@ def train_models(
         "reuse": REUSE_NOTE,
         "notes": notes,
     }
-    save_checkpoint(model_dir / CHECKPOINT, final.cpu(), card)
-    (model_dir / CARD).write_text(json.dumps(card, indent=2, default=float), encoding="utf-8")
+    save_checkpoint(unshare(model_dir / CHECKPOINT), final.cpu(), card)
+    unshare(model_dir / CARD).write_text(json.dumps(card, indent=2, default=float), encoding="utf-8")
     timings["write"] = time.perf_counter() - t2 - timings["final"]
     artifacts = {
         "oos_probabilities": folder_artifact(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from jinja2 import DictLoader, Environment, select_autoescape
 
+from tasks.store.artifacts import unshare
+
 STYLE = Path(__file__).with_name("style.css")  # package data (pyproject: "*.css")
 
 PAGE = """<!doctype html>
@@ -99,8 +101,7 @@ def render_page(env: Environment, path: Path, **context) -> int:
     context.setdefault("current", "")
     context.setdefault("footer", "")
     text = env.get_template("page.html").render(**context)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    unshare(path).write_text(text, encoding="utf-8")
     return len(text.encode("utf-8"))
 
 

@@ -44,7 +44,7 @@ from tasks.report.properties import _band_range as _prop_band_range
 from tasks.report.reuse import STAGE as REPORT_STAGE
 from tasks.report.reuse import ReportReuse
 from tasks.report.thumbs import field_probability, read_band, safe_name, site_panels
-from tasks.store.artifacts import bytes_hash, file_hash
+from tasks.store.artifacts import bytes_hash, file_hash, unshare
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import Reuse, code_key, content_key
 from tasks.store.stage_result import StageResult
@@ -182,7 +182,7 @@ def run_report_stage(
     t4 = time.perf_counter()
     sizes_ = write_site(m, out)
     metrics_path = version_dir / metrics_uri
-    metrics_path.write_text(json.dumps(m, indent=1, sort_keys=False, default=str), encoding="utf-8")
+    unshare(metrics_path).write_text(json.dumps(m, indent=1, sort_keys=False, default=str), encoding="utf-8")
     t["pages"] = time.perf_counter() - t4
     big = [p for p, n in sizes_.items() if n > 2_000_000]
     if big:

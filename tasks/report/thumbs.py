@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from rasterio.enums import Resampling
 
 from tasks.report.imagery import rgb_image
+from tasks.store.artifacts import unshare
 from tasks.store.grid import SiteGrid
 
 CLASS_COLOURS = {"crop": (74, 222, 128), "fallow": (251, 191, 36), "issue": (239, 68, 68)}
@@ -93,9 +94,7 @@ def heat(base: np.ndarray, values: np.ndarray, vmax: float, cmap: str = "magma")
 
 
 def save_png(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a new file: never write through a link to a previous version's panel
-    img.convert("RGB").quantize(colors=96).save(path, optimize=True)
+    img.convert("RGB").quantize(colors=96).save(unshare(path), optimize=True)
 
 
 def field_probability(path: Path | None, px: int) -> np.ndarray | None:

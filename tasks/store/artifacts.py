@@ -17,6 +17,19 @@ from schemas.tables import TABLES, validate
 _CHUNK = 1 << 20
 
 
+def unshare(path: str | Path) -> Path:
+    """Make ``path`` safe to write: remove what is there, so the write creates a new file.
+
+    A new version hard-links unchanged files from published versions; opening such a link for writing
+    (a retried task, a unit rewritten after being linked) would change the published file through it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+    return path
+
+
 def file_hash(path: str | Path) -> str:
     """BLAKE2b-128 of a file's bytes, streamed so big scenes never sit in memory."""
     h = hashlib.blake2b(digest_size=16)
@@ -64,13 +77,15 @@ def write_table(name: str, df: pd.DataFrame, path: str | Path) -> dict:
     if spec.geometry:
         checksum = _write_geo(df, path)
     else:
-        df.to_parquet(path, index=False, compression="zstd")
+        df.to_parquet(unshare(path), index=False, compression="zstd")
         checksum = file_hash(path)
     return {"path": path.name, "rows": len(df), "checksum": checksum}
 
 
 def _write_geo(gdf: gpd.GeoDataFrame, path: Path) -> str:
-    gdf.to_parquet(path, index=False, compression="zstd", schema_version="1.1.0", write_covering_bbox=True)
+    gdf.to_parquet(
+        unshare(path), index=False, compression="zstd", schema_version="1.1.0", write_covering_bbox=True
+    )
     return file_hash(path)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
+from tasks.store.artifacts import unshare
 from tasks.store.grid import SiteGrid
 
 
@@ -30,7 +31,7 @@ def write_site_raster(path: str | Path, grid: SiteGrid, bands: np.ndarray, names
         "compress": "deflate",
         "predictor": 3,
     }
-    with rasterio.open(path, "w", **profile) as dst:
+    with rasterio.open(unshare(path), "w", **profile) as dst:
         dst.write(bands)
         dst.descriptions = tuple(names)
         dst.build_overviews([2, 4], Resampling.average)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.store.artifacts import read_table, write_table
+from tasks.store.artifacts import read_table, unshare, write_table
 
 KEYS_FOLDER = "reuse_keys"  # the catalog's ``reuse_keys`` artifact
 REPO = Path(__file__).resolve().parents[2]
@@ -74,36 +74,56 @@ def content_key(*parts) -> str:
     return h.hexdigest()
 
 
+def _column_text(s: pd.Series) -> list[str]:
+    """A column as the text ``frame_bytes`` hashes (geometry as hex WKB; '' for a missing value)."""
+    if hasattr(s, "geom_type") or s.name == "geometry":
+        import shapely
+
+        vals = shapely.to_wkb(np.asarray(s, dtype=object), hex=True, output_dimension=2)
+        return pd.Series(vals, index=s.index).fillna("").astype(str).tolist()
+    return [t if isinstance(t, str) else "" for t in s.astype(str).tolist()]  # pandas 3 keeps NaN
+
+
 def frame_bytes(df: pd.DataFrame) -> bytes:
     """Canonical bytes of a frame's values (geometry as WKB); row order is the caller's to fix."""
-    cols = []
-    for c in df.columns:
-        s = df[c]
-        if hasattr(s, "geom_type") or c == "geometry":
-            import shapely
-
-            vals = shapely.to_wkb(np.asarray(s, dtype=object), hex=True, output_dimension=2)
-            cols.append(pd.Series(vals, index=df.index).fillna("").astype(str).to_numpy())
-        else:
-            cols.append(s.astype(str).to_numpy())
-    if not cols:
+    if not len(df.columns):
         return b""
-    rows = ["\x1f".join(r) for r in zip(*cols, strict=True)]
-    return "\x1e".join(rows).encode()
+    rows = zip(*(_column_text(df[c]) for c in df.columns), strict=True)
+    return "\x1e".join("\x1f".join(r) for r in rows).encode()
+
+
+def _elementwise_text(s: pd.Series) -> bool:
+    """Whether ``astype(str)`` formats each element alone (datetimes pick one format per array)."""
+    if hasattr(s, "geom_type") or s.name == "geometry" or isinstance(s.dtype, pd.StringDtype):
+        return True
+    return isinstance(s.dtype, np.dtype) and s.dtype.kind in "OUSiufb"
 
 
 def group_keys(
     df: pd.DataFrame, by: str, columns: Iterable[str], sort_by: Iterable[str] = ()
 ) -> dict[str, str]:
-    """One key per value of ``by``: the content of ``columns`` of its rows, in ``sort_by`` order."""
+    """One key per value of ``by``: the content of ``columns`` of its rows, in ``sort_by`` order.
+
+    Equal to ``content_key(columns, frame_bytes(group))`` per group, but each column is converted to text
+    once for the whole frame (a frame per group cost seconds per thousand sites). Columns whose text
+    depends on the rest of the array fall back to converting group by group.
+    """
     columns, sort_by = list(columns), list(sort_by)
-    out: dict[str, str] = {}
     if len(df) == 0:
-        return out
+        return {}
     ordered = df.sort_values([by, *sort_by], kind="stable") if sort_by else df
-    for uid, part in ordered.groupby(by, sort=False):
-        out[str(uid)] = content_key(list(columns), frame_bytes(part[columns]))
-    return out
+    if not all(_elementwise_text(ordered[c]) for c in columns):
+        return {
+            str(uid): content_key(columns, frame_bytes(part[columns]))
+            for uid, part in ordered.groupby(by, sort=False)
+        }
+    row_texts = ["\x1f".join(r) for r in zip(*(_column_text(ordered[c]) for c in columns), strict=True)]
+    groups: dict = {}
+    for uid, text in zip(ordered[by].tolist(), row_texts, strict=True):
+        if uid is None or uid is pd.NA or (isinstance(uid, float) and uid != uid):
+            continue  # as groupby: rows without a group are dropped
+        groups.setdefault(uid, []).append(text)
+    return {str(uid): content_key(columns, "\x1e".join(t).encode()) for uid, t in groups.items()}
 
 
 @cache
@@ -200,8 +220,7 @@ def reuse_counts(stage: str, total: int, reused: int) -> dict[str, int]:
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """Hard-link ``src`` to ``dst`` (published versions are immutable, so sharing inodes is safe); copy
     when the filesystem cannot link (another device, object storage mounts)."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = unshare(dst)
     try:
         os.link(src, dst)
     except OSError:
