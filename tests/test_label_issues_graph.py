@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import tasks.learn.issue_sites as sites_mod
 import tasks.learn.label_issues as li
 from schemas.catalog import load_catalog
 from tasks.consensus.run import run_consensus_stage
@@ -54,7 +55,7 @@ def test_batches_reading_their_polygons_equal_batches_carrying_them(base, monkey
     shutil.copytree(vdir, carried)
     shutil.copytree(vdir, read)
     li.run_label_issues_stage(catalog, carried)
-    monkeypatch.setattr(li, "GRAPH_POLYGONS", 0)  # every pass sends ids and paths only
+    monkeypatch.setattr(sites_mod, "GRAPH_POLYGONS", 0)  # every pass sends ids and paths only
     li.run_label_issues_stage(catalog, read)
     a, b = _frames(carried), _frames(read)
     assert len(a["label_issues"]) > 50
@@ -64,19 +65,19 @@ def test_batches_reading_their_polygons_equal_batches_carrying_them(base, monkey
 
 def test_stripped_work_is_small_and_reads_back_the_same_polygons(base):
     _, vdir = base
-    work = li.build_work(
+    work = sites_mod.build_work(
         read_table(vdir / "sites.parquet"),
         read_table(vdir / "labels"),
         read_table(vdir / "assignments.parquet"),
         ["expert"],
     )
-    thin = li.without_geometries(work, vdir / "labels")
+    thin = sites_mod.without_geometries(work, vdir / "labels")
     assert all(g is None for w in thin for _, g in w.labellers.values())
     assert len(pickle.dumps(thin)) < len(pickle.dumps(work)) / 2
-    back = li.with_geometries(thin)
+    back = sites_mod.with_geometries(thin)
     for w, b in zip(work, back, strict=True):
         for lid, (ids, geoms) in w.labellers.items():
             assert b.labellers[lid][0] == ids
             assert [g.wkb for g in b.labellers[lid][1]] == [g.wkb for g in geoms]
     with pytest.raises(ValueError, match="no labels_path"):
-        li.with_geometries([li.replace(t, labels_path=None) for t in thin[:1]])
+        sites_mod.with_geometries([sites_mod.replace(t, labels_path=None) for t in thin[:1]])

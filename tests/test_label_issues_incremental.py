@@ -292,3 +292,17 @@ def test_model_probabilities_are_keyed_per_site(v1):
     _assert_same(_tables(vinc), _tables(vfull))
     ev = read_table(vinc / "label_issues")["evidence"]
     assert ev.str.contains('"probability_source": "oos"').all()
+
+
+def test_sum_of_encoded_histograms_is_exact():
+    import numpy as np
+
+    from tasks.learn.label_issues import sum_encoded
+    from tasks.learn.pixel_issues import PixelStats
+
+    rng = np.random.default_rng(3)
+    hists = [PixelStats(rng.integers(0, 2**40, (2, 64)) * (rng.random((2, 64)) < 0.3)) for _ in range(9)]
+    enc = [(*h.encode(), int(h.hist.sum())) for h in hists]
+    expected = sum(h.hist for h in hists)
+    np.testing.assert_array_equal(sum_encoded(64, enc).hist, expected)
+    np.testing.assert_array_equal(sum_encoded(64, []).hist, np.zeros((2, 64), np.int64))

@@ -21,15 +21,9 @@ from schemas.tables import validate
 from tasks.consensus.run import run_consensus_stage
 from tasks.demo import generate_demo_region
 from tasks.ingest.stage import run_ingest
+from tasks.learn.issue_sites import SiteWork, build_work, read_site_probabilities
 from tasks.learn.item_issues import confident_joint, find_label_issues
-from tasks.learn.label_issues import (
-    SiteWork,
-    build_work,
-    load_probabilities,
-    read_site_probabilities,
-    run_label_issues,
-    run_label_issues_stage,
-)
+from tasks.learn.label_issues import load_probabilities, run_label_issues, run_label_issues_stage
 from tasks.learn.pixel_issues import (
     IssueParams,
     PixelStats,

@@ -11,31 +11,34 @@ reprocess reads only the sites whose inputs (or the fit they used) changed; rank
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
 
 import dask
 import numpy as np
 import pandas as pd
-import rasterio
-from rasterio.features import rasterize
 
 from schemas.catalog import Catalog
+from tasks.learn.issue_ranking import ISSUE_COLUMNS, gold_records, rank_frames, rank_tables, score_tables
+from tasks.learn.issue_sites import (
+    SiteWork,
+    build_work,
+    light_batches,
+    read_site_probabilities,
+    site_arrays,
+    with_geometries,
+)
 from tasks.learn.pixel_issues import (
     KINDS,
     IssueParams,
     PixelCL,
     PixelStats,
     assignment_regions,
-    field_probability,
     fit_pixel_cl,
     fit_summary,
-    quantise,
 )
 from tasks.store.artifacts import file_hash, read_table, write_table
 from tasks.store.errors import InputError
@@ -57,36 +60,6 @@ STAGE = "label_issues"
 OOS_URI = "oos_probabilities"
 STATS_URI = "label_issue_stats.parquet"
 POOLED = "*"  # label_issue_stats unit of the pooled histogram in use
-ISSUE_COLUMNS = [
-    "issue_id", "site_id", "labeller_id", "kind", "rank", "score", "area_m2", "n_pixels", "mean_p_field",
-    "consensus_agreement", "labeller_polygon_id", "evidence", "crs", "geometry",
-]  # fmt: skip
-SUMMARY_COLUMNS = [
-    "site_id", "labeller_id", "n_issues", "flagged_fraction", "issue_score", "rank", "n_pixels",
-    "drawn_fraction", "flagged_drawn_fraction", "flagged_union_fraction", "model_field_fraction",
-    "consensus_field_fraction", "consensus_independent", "summary_kind",
-] + [f"n_{k}" for k in KINDS[:4]]  # fmt: skip
-
-
-@dataclass
-class SiteWork:
-    """One site's inputs for both passes (picklable). Probabilities and consensus come either as arrays
-    or as GeoTIFF paths read inside the batch; ``prob_kind="consensus"`` reads band 1 of a consensus
-    raster as p(field) (the stand-in before a model exists). Polygons likewise: geometries, or (None
-    and ``labels_path``) read by polygon id inside the batch, so a task graph never carries them."""
-
-    grid: SiteGrid
-    labellers: dict[str, tuple[list[str], list | None]]  # crowd labeller -> (polygon ids, geometries)
-    consensus_independent: bool  # gold site or >= 2 crowd voters: the consensus is not just this labeller
-    probs: np.ndarray | None = None
-    prob_path: str | None = None
-    prob_kind: str = "oos"
-    consensus: np.ndarray | None = None
-    consensus_path: str | None = None
-    labels_path: str | None = None  # geometries None: read them from this labels table inside the batch
-
-    site_id = property(lambda self: self.grid.site_id)
-    has_probabilities = property(lambda self: self.probs is not None or self.prob_path is not None)
 
 
 @dataclass
@@ -107,157 +80,11 @@ def params_from_catalog(catalog: Catalog) -> IssueParams:
     return IssueParams(**overrides)
 
 
-def read_site_probabilities(path: str | Path, grid: SiteGrid, kind: str = "oos") -> np.ndarray:
-    """(bands, H, W) float32 from a GeoTIFF on the site's grid; ``kind="consensus"`` turns band 1 of a
-    consensus raster into (2, H, W) [1 - p, p]. Raise ``InputError`` when the file does not fit the grid."""
-    try:
-        with rasterio.open(path) as src:
-            if (src.height, src.width) != (grid.height, grid.width):
-                raise InputError(
-                    path, f"raster is {src.height}x{src.width}, site grid {grid.height}x{grid.width}"
-                )
-            if src.crs is not None and src.crs != rasterio.crs.CRS.from_user_input(grid.crs):
-                raise InputError(path, f"raster CRS {src.crs} differs from the site grid CRS {grid.crs}")
-            if not src.transform.almost_equals(grid.affine, precision=1e-6 * max(grid.pixel_size, 1.0)):
-                raise InputError(path, f"raster transform {tuple(src.transform)[:6]} is not the site grid's")
-            if kind == "consensus":
-                p = src.read(1).astype(np.float32)
-                return np.stack([1 - p, p])
-            if src.count not in (2, 3):
-                raise InputError(
-                    path, f"expected 3 bands (background, interior, boundary); found {src.count}"
-                )
-            return src.read().astype(np.float32)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(path, f"cannot read raster ({exc})") from None
-
-
-def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = ()) -> list[SiteWork]:
-    """One SiteWork per site with >= 1 completed crowd (non-reference) assignment, polygons in native CRS
-    (``labels`` without a geometry column: geometries None, to be read inside the batches)."""
-    refs = set(map(str, reference_labellers))
-    a = assignments[assignments["status"].astype(str) == "completed"]
-    a_lid = a["labeller_id"].astype(str)
-    is_ref = (a["is_reference"].fillna(False).astype(bool) | a_lid.isin(refs)).tolist()
-    crowd_of: dict[str, set[str]] = {}
-    with_ref: set[str] = set()
-    for sid, lid, ref in zip(a["site_id"].astype(str).tolist(), a_lid.tolist(), is_ref, strict=True):
-        if ref:
-            with_ref.add(sid)
-        else:
-            crowd_of.setdefault(sid, set()).add(lid)
-    # each (site, labeller)'s polygon ids and geometries, in table order
-    ids: dict[tuple[str, str], list[str]] = {}
-    geoms: dict[tuple[str, str], list] = {}
-    site_ids, lab_ids = labels["site_id"].astype(str).tolist(), labels["labeller_id"].astype(str).tolist()
-    keys = zip(site_ids, lab_ids, strict=True)
-    pids = labels["polygon_id"].astype(str).tolist()
-    shapes = list(labels["geometry"]) if "geometry" in labels else None
-    for i, key in enumerate(keys):
-        ids.setdefault(key, []).append(pids[i])
-        if shapes is not None:
-            geoms.setdefault(key, []).append(shapes[i])
-    out = []
-    for row in sites.sort_values("site_id").itertuples(index=False):
-        sid = str(row.site_id)
-        crowd = sorted(crowd_of.get(sid, ()))
-        if not crowd:
-            continue
-        lab_polys = {}
-        for lid in crowd:
-            key = (sid, lid)
-            if key not in ids:
-                lab_polys[lid] = ([], [])
-            else:  # None: read later
-                lab_polys[lid] = (ids[key], geoms[key] if shapes is not None else None)
-        grid = SiteGrid.from_row(row._asdict())
-        out.append(SiteWork(grid, lab_polys, sid in with_ref or len(crowd) >= 2))
-    return out
-
-
-def without_geometries(work: list[SiteWork], labels_path: str | Path) -> list[SiteWork]:
-    """The same work with its polygons left in ``labels_path`` (read back by ``with_geometries`` inside
-    each batch): what Dask tasks are sent, so the graph holds ids and paths, not the region's polygons."""
-    return [
-        replace(
-            w,
-            labellers={lid: (ids, None) for lid, (ids, _) in w.labellers.items()},
-            labels_path=str(labels_path),
-        )
-        for w in work
-    ]
-
-
-GRAPH_POLYGONS = 10_000  # more polygons than this in one pass: its batches read them themselves
-
-
-def _light(parts: list[list[SiteWork]], labels_path: Path) -> list[list[SiteWork]]:
-    """The batches of one pass as Dask tasks get them: with their polygons when they are few (a
-    reprocess of a few sites: no reread of the table), else as ids to read inside each batch, so the task
-    graph never carries the region's polygons (a full run's was ~11 MiB on the 10x region)."""
-    n = sum(len(ids) for b in parts for w in b for ids, _ in w.labellers.values())
-    return [without_geometries(b, labels_path) for b in parts] if n > GRAPH_POLYGONS else parts
-
-
-def with_geometries(batch: list[SiteWork]) -> list[SiteWork]:
-    """``batch`` with every labeller's geometries filled in (in polygon-id order) from its labels table."""
-    need: dict[str, list[str]] = {}
-    for w in batch:
-        if any(g is None for _, g in w.labellers.values()):
-            if w.labels_path is None:
-                raise ValueError(f"site {w.site_id}: polygons neither given nor readable (no labels_path)")
-            need.setdefault(w.labels_path, []).append(w.site_id)
-    if not need:
-        return batch
-    geoms: dict[str, object] = {}
-    for path, ids in need.items():
-        df = read_table(path, columns=["polygon_id", "site_id", "geometry"], filters=[("site_id", "in", ids)])
-        geoms.update(zip(df["polygon_id"].astype(str), df["geometry"], strict=True))
-    return [
-        replace(
-            w,
-            labellers={
-                lid: (ids, [geoms[i] for i in ids] if g is None else g)
-                for lid, (ids, g) in w.labellers.items()
-            },
-        )
-        for w in batch
-    ]
-
-
-def _site_arrays(w: SiteWork, params: IssueParams):
-    """(bins, consensus field mask or None, {labeller: polygon index raster}); footprint = finite consensus"""
-    probs = w.probs if w.probs is not None else read_site_probabilities(w.prob_path, w.grid, w.prob_kind)
-    try:
-        pf = field_probability(probs, f"probabilities of site {w.site_id}", params.prob_tolerance)
-    except ValueError as exc:  # from a file: name it, as every bad-input error does
-        raise (InputError(w.prob_path, str(exc)) if w.probs is None else exc) from None
-    if pf.shape != (w.grid.height, w.grid.width):
-        raise ValueError(f"probabilities of site {w.site_id} are {pf.shape}, not the site grid's")
-    cons = w.consensus
-    if cons is None and w.consensus_path is not None:
-        cons = read_site_probabilities(w.consensus_path, w.grid, "consensus")[1]
-    if cons is not None:
-        pf[~np.isfinite(cons)] = np.nan
-    cons_field = None
-    if cons is not None and w.consensus_independent:
-        cons_field = np.nan_to_num(cons, nan=0.0) >= params.consensus_threshold
-    ids, shape = {}, (w.grid.height, w.grid.width)
-    for lid, (_, geoms) in w.labellers.items():  # pixel-centre rule; later polygons win on overlaps
-        shp = [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
-        ids[lid] = (
-            rasterize(shp, shape, transform=w.grid.affine, dtype="int32")
-            if shp
-            else np.zeros(shape, np.int32)
-        )
-    return quantise(pf, params.n_bins), cons_field, ids
-
-
 def site_stats(w: SiteWork, params: IssueParams) -> PixelStats:
     """Pass 1 for one site: the (given class x p(field) bin) histogram of its crowd assignments."""
     stats = PixelStats.zeros(params.n_bins)
     (w,) = with_geometries([w])
-    bins, _, ids = _site_arrays(w, params)
+    bins, _, ids = site_arrays(w, params)
     for raster in ids.values():
         stats.add(bins, (raster > 0).astype(np.int8))
     return stats
@@ -302,7 +129,7 @@ def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> 
     """Pass 2: issue records and one summary row per assignment (unranked, geometry in native CRS)."""
     issues, summaries = [], []
     for w in with_geometries(batch):
-        bins, cons, ids = _site_arrays(w, params)
+        bins, cons, ids = site_arrays(w, params)
         area = abs(w.grid.transform[0] * w.grid.transform[4])
         for lid, raster in ids.items():
             recs, summary = assignment_regions(bins, raster, cons, model, params, w.grid.affine, area)
@@ -330,100 +157,6 @@ def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> 
             )
             summaries.append(summary)
     return issues, summaries
-
-
-def _clean(v):
-    if isinstance(v, float | np.floating):
-        return None if not math.isfinite(v) else round(float(v), 6)
-    if isinstance(v, np.integer | np.bool_):
-        return v.item()
-    return v
-
-
-def _evidence(r, cols: list[str], common: dict, gold: dict | None) -> str:
-    ev = {c: _clean(getattr(r, c)) for c in cols} | common | {"labeller_gold": gold}
-    if isinstance(r.regions, dict):
-        ev["regions"] = r.regions  # region counts behind a whole-assignment issue
-    return json.dumps(ev, sort_keys=True)
-
-
-def _gold_records(lq: pd.DataFrame | None) -> dict[str, dict]:
-    cols = [
-        c for c in ("n_gold", "iou_pooled", "iou_mean", "lacuna_score_mean") if lq is not None and c in lq
-    ]
-    rows = lq[["labeller_id", *cols]].to_dict("records") if lq is not None and len(lq) else []
-    return {str(r.pop("labeller_id")): {k: _clean(v) for k, v in r.items()} for r in rows}
-
-
-def uncorroborated_weight(gold: dict | None, params: IssueParams) -> float:
-    """Weight of model-only evidence: the labeller's gold error rate 1 - iou_pooled (>= 0.05) when known (a
-    labeller who is usually right is likelier right where only the model disagrees), else the default."""
-    iou = (gold or {}).get("iou_pooled")
-    if params.gold_weighting and iou is not None and (gold or {}).get("n_gold"):
-        return float(np.clip(1.0 - iou, 0.05, 1.0))
-    return params.uncorroborated_weight
-
-
-def rank_tables(
-    issues: list[dict],
-    summaries: list[dict],
-    labeller_quality: pd.DataFrame | None,
-    source: str,
-    thresholds: Sequence[float] = (),
-    params: IssueParams | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Final scores (gold-weighted where there is no independent consensus), ranks over the whole
-    dataset (1 = fix first: score desc, ties by ids), assignment totals, and the evidence JSON."""
-    return rank_frames(*score_tables(issues, summaries, labeller_quality, source, thresholds, params))
-
-
-def score_tables(
-    issues: list[dict],
-    summaries: list[dict],
-    labeller_quality: pd.DataFrame | None,
-    source: str,
-    thresholds: Sequence[float] = (),
-    params: IssueParams | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-row part of ``rank_tables``: final scores and evidence, no ranks or totals. Every value of a
-    row depends only on its own assignment, the fit, the gold record and parameters (so an unchanged
-    site's rows can be taken over from the previous version and ranked with the rest)."""
-    params = params or IssueParams()
-    gold = _gold_records(labeller_quality)
-    extra = ["mean_margin", "zone_share", "offset_px", "consensus_independent", "regions",
-             "uncorroborated_base"]  # fmt: skip
-    li = pd.DataFrame(issues, columns=[c for c in ISSUE_COLUMNS if c not in ("rank", "evidence")] + extra)
-    w = np.array([uncorroborated_weight(gold.get(lid), params) for lid in li["labeller_id"]], float)
-    base = li["uncorroborated_base"].to_numpy(float)
-    li["score"] = li["score"].to_numpy(float) + base * (w - params.uncorroborated_weight)
-    li["weight"] = np.where(li["consensus_agreement"].isna(), w, li["consensus_agreement"].astype(float))
-    ev_cols = ["area_m2", "n_pixels", "mean_p_field", "mean_margin", "consensus_agreement", "weight",
-               "consensus_independent", "zone_share", "offset_px", "labeller_polygon_id"]  # fmt: skip
-    common = {"probability_source": source, "thresholds": [_clean(t) for t in thresholds]}
-    li["evidence"] = [_evidence(r, ev_cols, common, gold.get(r.labeller_id)) for r in li.itertuples()]
-    floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
-    li = li[[c for c in ISSUE_COLUMNS if c != "rank"]].astype(floats | {"n_pixels": np.int64})
-    ai = pd.DataFrame(summaries, columns=[c for c in SUMMARY_COLUMNS if c not in ("rank", "issue_score")])
-    return li.reset_index(drop=True), ai
-
-
-def rank_frames(li: pd.DataFrame, ai: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Ranks over the whole dataset (ties broken by the unique ids, so the order is total) and assignment
-    totals, from ``score_tables`` frames (``rank`` / ``issue_score`` columns, if any, are recomputed)."""
-    li = li.drop(columns="rank", errors="ignore")
-    li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
-    li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
-    floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
-    li = li[ISSUE_COLUMNS].astype(floats | {"n_pixels": np.int64})
-    ai = ai.drop(columns=["rank", "issue_score"], errors="ignore")
-    totals = li.groupby(["site_id", "labeller_id"])["score"].sum().rename("issue_score").reset_index()
-    ai = ai.merge(totals, on=["site_id", "labeller_id"], how="left").fillna({"issue_score": 0.0})
-    ai = ai.sort_values(["issue_score", "flagged_fraction", "site_id", "labeller_id"], ascending=[0, 0, 1, 1])
-    ai["rank"] = np.arange(1, len(ai) + 1, dtype=np.int64)
-    floats = [c for c in SUMMARY_COLUMNS if c.endswith("fraction")] + ["issue_score"]
-    ints = ("n_issues", "n_pixels", *(f"n_{k}" for k in KINDS[:4]))
-    dtypes = {c: float for c in floats} | {c: np.int64 for c in ints} | {"consensus_independent": bool}
-    return li.reset_index(drop=True), ai[SUMMARY_COLUMNS].astype(dtypes).reset_index(drop=True)
 
 
 def run_label_issues(
@@ -551,15 +284,13 @@ def run_label_issues_stage(
     stats_uri = ds["label_issue_stats"].uri if "label_issue_stats" in ds else STATS_URI
     prev_stats = _read_stats(reuse.previous / stats_uri) if reuse.previous is not None else {}
     site_hists: dict[str, tuple[bytes, bytes, int]] = {}
-    total = PixelStats.zeros(params.n_bins)
     for w in scored:
         prev = prev_stats.get(w.site_id)
         if reuse.enabled and prev is not None and prev[0] == inputs[w.site_id] and prev[1] == params.n_bins:
-            hist = PixelStats.decode(params.n_bins, prev[2], prev[3])
-            site_hists[w.site_id] = (prev[2], prev[3], int(hist.hist.sum()))
-            total = total + hist
+            site_hists[w.site_id] = (prev[2], prev[3], int(np.frombuffer(prev[3], "<i8").sum()))
+    total = sum_encoded(params.n_bins, site_hists.values())
     todo = [w for w in scored if w.site_id not in site_hists]
-    fresh_total, fresh_hists = collect_stats(_light(_batches(todo, size), labels_path), params)
+    fresh_total, fresh_hists = collect_stats(light_batches(_batches(todo, size), labels_path), params)
     total = total + fresh_total
     site_hists |= fresh_hists
     notes += _empty_class_notes(total)
@@ -573,7 +304,7 @@ def run_label_issues_stage(
 
     # pass 2: issue rows per site (unchanged units from the previous version), then ranks over all
     t3 = time.perf_counter()
-    gold = _gold_records(lq)
+    gold = gold_records(lq)
     fit_key = content_key(model.filter_by, model.thresholds, model.flag_lut)
     keys = {
         w.site_id: content_key(
@@ -584,9 +315,8 @@ def run_label_issues_stage(
     reused = reuse.reusable(STAGE, keys)
     li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
     old_li, old_ai, reused = _previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
-    issues, summaries = collect_issues(
-        _light(_batches([w for w in scored if w.site_id not in reused], size), labels_path), model, params
-    )
+    changed = [w for w in scored if w.site_id not in reused]
+    issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
     li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
     if old_li is not None:
         crs = {w.site_id: w.grid.crs for w in work}
@@ -667,6 +397,16 @@ def _input_keys(
             prob = _raster_part(train_keys, w.site_id, w.prob_path)
         out[w.site_id] = content_key("label_issues/input", cons, prob, label_keys.get(w.site_id), *common)
     return out
+
+
+def sum_encoded(n_bins: int, hists: Iterable[tuple[bytes, bytes, int]]) -> PixelStats:
+    """The sum of many ``PixelStats.encode`` histograms in one pass (exact: integer counts)."""
+    hists = list(hists)
+    flat = np.zeros(2 * n_bins, np.int64)
+    if hists:
+        cells = np.frombuffer(b"".join(h[0] for h in hists), "<u4").astype(np.intp)
+        np.add.at(flat, cells, np.frombuffer(b"".join(h[1] for h in hists), "<i8"))
+    return PixelStats(flat.reshape(2, n_bins))
 
 
 def _read_stats(path: Path) -> dict[str, tuple[str, int, bytes, bytes]]:
