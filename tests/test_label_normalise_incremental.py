@@ -15,7 +15,8 @@ import shapely
 from schemas.catalog import load_catalog
 from tasks.ingest import labels as labels_mod
 from tasks.ingest.changes import detect_label_changes, input_label_keys, published_label_keys
-from tasks.ingest.labels import LABELS_STAGE, label_input_keys, normalise_assignments, validate_labels
+from tasks.ingest.label_keys import LABELS_STAGE, label_input_keys
+from tasks.ingest.labels import normalise_assignments, validate_labels
 from tasks.ingest.readers import read_table_file, read_vector
 from tasks.ingest.stage import run_ingest
 from tasks.store.artifacts import read_table

@@ -2,7 +2,7 @@
 
 The inputs are read and checked exactly as ingest does (same readers, same whole-table checks, the published
 site grids). Each site's raw label inputs are reduced to the key ingest recorded for them
-(``tasks.ingest.labels.label_input_keys``); only the sites whose raw key moved are normalised, and their
+(``tasks.ingest.label_keys.label_input_keys``); only the sites whose raw key moved are normalised, and their
 normalised labels and assignments are compared with the published ones by one content key per site
 (``tasks.store.reuse.site_label_keys``): a site whose key differs, appears or disappears has changed.
 Without per-polygon geometry work for the unchanged sites, a check costs about a read of the label files,
@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from schemas.catalog import Catalog
+from tasks.ingest.label_keys import LABELS_STAGE
 from tasks.ingest.labels import (
-    LABELS_STAGE,
     polygon_counts,
     read_label_input_rows,
     read_label_inputs,

@@ -28,9 +28,9 @@ from tasks.ingest.imagery import (
     tile_stats,
     tile_unit,
 )
+from tasks.ingest.label_keys import LABELS_STAGE
 from tasks.ingest.labels import (
     LABEL_COLUMNS,
-    LABELS_STAGE,
     LabelInputs,
     _grid_bounds,
     normalise_item_labels,
