@@ -195,7 +195,7 @@ def test_reprocess_keeps_the_model_and_recomputes_only_the_changed_sites(version
     for name, path in files(v3, "model").items():
         assert path.read_bytes() == (v3_full / "model" / name).read_bytes()
     for t in (train, train_full):
-        assert t.counts["model_trained"] == 0 and t.counts["model_kept"] == 1 and "kfold" not in t.timings
+        assert t.counts["model_trained"] == 0 and t.counts["model_kept"] == 1 and "fit" not in t.timings
     for name, path in files(v2, "model").items():
         assert same_inode(path, v3 / "model" / name) and same_inode(path, v3_full / "model" / name)
     assert model_key(v3) == model_key(v2) == model_key(v3_full)

@@ -28,6 +28,7 @@ from tasks.learn.model import (
     train,
 )
 from tasks.learn.params import LearnParams
+from tasks.learn.tiles import DiskExample, read_rows
 from tasks.learn.train import Example, assign_folds, class_coverage, crop_batches
 from tasks.learn.vectorise import best_iou, choose_threshold, instance_confidence, instances, polygons
 from tasks.store.grid import SiteGrid
@@ -189,6 +190,49 @@ def test_crop_batches_pad_small_tiles_and_skip_weightless_sites():
     assert x.shape == (3, 4, 32, 32) and w.sum() == 3 * 20 * 24  # padding carries weight 0
     coverage, notes = class_coverage([small])
     assert coverage["boundary"] == 0 and any("'boundary' never seen" in n for n in notes)
+
+
+def test_tiles_on_disk_give_the_same_crops_and_batches_as_tiles_in_memory(tmp_path):
+    """Training reads crops from the scratch folder: the same rows and columns as slicing the arrays,
+    at the tile's edges too, so a seed draws the same batches (hence the same weights) either way."""
+    rng = np.random.default_rng(3)
+    tiles = []
+    for i, (h, w) in enumerate([(40, 36), (20, 24), (33, 50)]):
+        grid = SiteGrid(f"S{i}", GRID.crs, GRID.transform, w, h)
+        x = rng.normal(size=(4, h, w)).astype(np.float32)
+        target = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        weight = rng.random((h, w)).astype(np.float32)
+        for name, arr in (("x", x), ("target", target), ("weight", weight), ("valid", weight > 0.1)):
+            np.save(tmp_path / f"S{i}.{name}.npy", arr)
+        mem = Example(f"S{i}", "gold", x, target, weight)
+        disk = DiskExample(f"S{i}", "gold", str(tmp_path), grid, 4, float(weight.sum()), 1.0)
+        assert disk.hw == mem.hw and disk.mass == mem.mass
+        for r0, c0 in [(0, 0), (h - 5, w - 3), (7, 11)]:
+            for a, b in zip(disk.crop(r0, c0, 16), mem.crop(r0, c0, 16), strict=True):
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(read_rows(disk.path("x"), -3, h + 4), x)  # clipped to the tile
+        tiles.append((mem, disk))
+    from_mem = crop_batches([m for m, _ in tiles], batch=3, crop=32, seed=5)
+    from_disk = crop_batches([d for _, d in tiles], batch=3, crop=32, seed=5)
+    for _ in range(4):
+        for a, b in zip(next(from_mem), next(from_disk), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_large_allocations_reused_only_under_the_nannys_malloc_setting():
+    """Dask's nanny exports MALLOC_TRIM_THRESHOLD_ (training 1.5x slower); the mmap threshold is raised
+    in such a process only (a fresh interpreter each, since mallopt changes the whole process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks.learn.train import reuse_large_allocations as r; print(r())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    out = [
+        subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
+        for e in (env, {**env, "MALLOC_TRIM_THRESHOLD_": "65536"})
+    ]
+    assert [o.stdout.strip() for o in out] == ["False", "True"]
 
 
 def test_read_site_masks_nodata_and_cloud(tmp_path):

@@ -116,6 +116,36 @@ def test_training_is_deterministic_for_a_seed(staged, upstream):
             np.testing.assert_array_equal(a.read(), b.read())
 
 
+def test_networks_fanned_out_on_dask_workers_equal_those_trained_in_process(staged, upstream):
+    """The train stage as a task on a two-worker cluster: its folds and final model run as Dask tasks of
+    their own on those workers (the same kind of worker as the stage: CPU=64 here), concurrently in one
+    process (two one-thread workers), yet every raster and weight equals the in-process run's; the
+    scratch tiles are gone afterwards."""
+    from distributed import Client, LocalCluster
+
+    catalog, vdir, _, _ = staged
+    again = fresh_version(upstream, "v_dask")
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, resources={"CPU": 64}, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        result = client.submit(run_train_stage, catalog, again, resources={"CPU": 1}).result()
+        workers = set(client.scheduler_info()["workers"])
+    assert set(result.placement["networks"]) == {"fold0", "fold1", "fold2", "final"}
+    assert set(result.placement["networks"].values()) <= workers
+    assert not any(p.name.startswith(".train-tiles") for p in again.iterdir())
+    for path in sorted((vdir / "oos_probabilities").glob("*.tif")):
+        with rasterio.open(path) as a, rasterio.open(again / "oos_probabilities" / path.name) as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+    for name in ("model.pt", "model_fold0.pt", "model_fold2.pt"):
+        sa, sb = (load_checkpoint(v / "model" / name)[0].state_dict() for v in (vdir, again))
+        assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa), name
+    card_a, card_b = (load_checkpoint(v / "model" / "model.pt")[1] for v in (vdir, again))
+    assert card_a["data_hash"] == card_b["data_hash"] and card_a["metrics"] == card_b["metrics"]
+
+
 def test_missing_imagery_nodata_sites_and_no_labels_give_defined_results(upstream):
     vdir = fresh_version(upstream, "v3")
     root = upstream.parents[1]
@@ -220,5 +250,7 @@ def test_gpu_and_cpu_tasks_run_on_their_workers(upstream):
         trained, pseudo, gpu_probe, cpu_probes, direct = pinned()
     assert trained["placement"]["worker"] == gpu and pseudo["placement"]["worker"] == gpu
     assert trained["placement"]["torch_threads"] == 1  # sized to the one-thread worker
+    # the folds and the final model: Dask tasks of their own, on the GPU worker too (queued on its thread)
+    assert set(trained["placement"]["networks"].values()) == {gpu}
     assert gpu_probe == gpu and cpu_probes == [cpu] * 4 and direct is None
     assert (vdir / "model" / "model.pt").exists() and pseudo["counts"]["pseudo_sites"] > 0

@@ -45,7 +45,10 @@ class LearnParams(BaseModel):
     )
     seed: int = Field(0, description="Seed of folds, crops and initial weights.")
     torch_threads: int = Field(
-        0, ge=0, description="CPU threads for torch; 0 = every core this process may use."
+        0,
+        ge=0,
+        description="CPU threads for torch; 0 = the Dask worker's thread count (a one-thread worker: one "
+        "core), outside Dask every core this process may use.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
 

@@ -49,7 +49,8 @@ def train_task(
     catalog_path: str, version_dir: str, upstream: dict | None = None, reuse: Reuse | None = None
 ) -> dict:
     """K-fold out-of-sample probabilities and the final model, into the version draft ``version_dir``
-    (trained, reused or kept per ``reuse``: see ``tasks.learn.run``)."""
+    (trained, reused or kept per ``reuse``: see ``tasks.learn.run``). A new model's networks run as Dask
+    tasks of their own on this kind of worker (``tasks.learn.folds``); torch uses the worker's threads."""
     from tasks.learn.run import run_train_stage
 
     result = run_train_stage(load_catalog(catalog_path), version_dir, reuse=reuse)
