@@ -37,8 +37,10 @@ Prefect overhead of ``refresh`` (``--skip-refresh`` leaves it out):
   (temporary server, timed) and ``distributed.LocalCluster(**cluster_spec()["local"])`` (timed), then
   1 + ``--repeats`` flow runs through ``DaskTaskRunner(address=...)``; the first run (fresh workers
   import the stage modules) is reported on its own, the steady-state figure is the median of the rest.
-  For each run: flow wall = the ``refresh(...)`` call as the caller sees it; stage work = sum of the
-  manifest's ``stage_seconds`` (the stage functions' own timers, on the workers);
+  For each run: flow wall = the ``refresh(...)`` call as the caller sees it; stage work = the manifest's
+  ``stage_seconds`` (the stage functions' own timers, on the workers) along the flow's longest chain of
+  dependent stages (``FLOW_DEPS``: label_issues and pseudo_labels run side by side after train, so the
+  plain sum of the stages exceeds the wall time);
   orchestration overhead = (flow wall - stage work) / flow wall. That overhead is everything that is
   not stage work: Prefect flow/task run bookkeeping through the API, Dask submission and result
   transfer, catalog load, version lock/draft/publish and log flushing. Start-up (server, cluster) is
@@ -335,8 +337,39 @@ def throughput_rows(acc: dict, plain: dict, plain_cpu: dict, runs: dict[str, dic
 
 
 # ------------------------------------------------------------------------------------------------ refresh
+# The refresh flow's stage dependencies (flows/refresh.py): label_issues and pseudo_labels both follow
+# train and run at the same time, so the stage work a run waits for is its longest dependent chain, not
+# the sum of its stages (the sum exceeds the flow's wall time).
+FLOW_DEPS = {
+    "ingest": (),
+    "consensus": ("ingest",),
+    "train": ("consensus",),
+    "pseudo_labels": ("train",),
+    "label_issues": ("train",),
+    "report": ("label_issues", "pseudo_labels"),
+}
+
+
+def critical_path(stage_seconds: dict[str, float], deps: dict[str, tuple] = FLOW_DEPS) -> float:
+    """Seconds of stage work on the longest dependent chain of stages.
+
+    A stage the table does not know is counted as if it ran after all the others; if it in fact ran
+    beside another, the overhead is understated by that overlap (the printed stage list shows it).
+    """
+    done: dict[str, float] = {}
+
+    def finish(name: str) -> float:
+        if name not in done:
+            before = [finish(d) for d in deps.get(name, ()) if d in stage_seconds]
+            done[name] = max(before, default=0.0) + float(stage_seconds[name])
+        return done[name]
+
+    known = max((finish(n) for n in stage_seconds if n in deps), default=0.0)
+    return known + sum(float(v) for n, v in stage_seconds.items() if n not in deps)
+
+
 def _stage_seconds(manifest: dict) -> float:
-    return float(sum(manifest["stage_seconds"].values()))
+    return critical_path(manifest["stage_seconds"])
 
 
 def _manifest(result: dict) -> dict:
@@ -602,9 +635,9 @@ def main() -> None:
         print()
         print(
             fmt_table(
-                ["refresh", "wall s", "stage work s", "of it ingest", "flow body s", "overhead"],
+                ["refresh", "wall s", "critical stage work s", "of it ingest", "flow body s", "overhead"],
                 rrows,
-                "Prefect orchestration (overhead = (wall - stage work) / wall; target <= 10%, warm steady)",
+                "Prefect orchestration (overhead = (wall - critical-path stage work) / wall; target <= 10%)",
             )
         )
         print(

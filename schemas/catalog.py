@@ -77,7 +77,10 @@ class IngestSettings(_Strict):
     band_names: list[str] | None = Field(None, description="Override band names when files carry none.")
     required_bands: int = Field(1, ge=1, description="Fewest bands a scene may have.")
     batch_size: int = Field(
-        100, ge=1, description="Sites per Prefect task; Dask parallelises inside a batch."
+        100,
+        ge=1,
+        description="Sites per Dask task of the per-site stages (consensus, label issues); ingest reads "
+        "every scene's tiles in one Dask computation, whatever this says.",
     )
 
 

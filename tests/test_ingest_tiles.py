@@ -14,6 +14,7 @@ import tracemalloc
 from functools import partial
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -271,11 +272,12 @@ def test_demo_region_tiles_equal_the_previous_implementation(demo_root, monkeypa
     want = _reference_tiles(pairs, scenes, threshold)
     assert (want["cloud_fraction"] > 0).any() and (want["nodata_fraction"] > 0).any()
     _assert_identical(tile_stats(pairs, scenes, threshold), want)
-    # The same with every tile summarised in the reading thread, and with one task per three tiles.
-    monkeypatch.setattr(pixels, "TILE_THREADS", 0)
+    # The same with every tile summarised in the reading thread, and with a helper thread per task,
+    # with one task per three tiles.
     monkeypatch.setattr(imagery, "SECTION_TILES", 3)
     assert len(scene_tasks(pairs, scenes)) == sum(-(-n // 3) for n in pairs.groupby("scene_id").size())
-    _assert_identical(tile_stats(pairs, scenes, threshold), want)
+    for threads in (0, 1):
+        _assert_identical(tile_stats(pairs, scenes, threshold, threads=threads), want)
 
 
 @needs_real
@@ -305,9 +307,45 @@ def test_other_layouts_and_dtypes_equal_the_previous_implementation(name, tmp_pa
     pairs = _pairs(scene, _random_windows(rng, scene.height, scene.width, 70, 90))
     monkeypatch.setattr(pixels, "STRIP_ROWS", 24)
     monkeypatch.setattr(imagery, "SECTION_TILES", 25)
-    for threshold in (None, 2000.0):
+    for threshold, threads in ((None, 0), (2000.0, 1)):
         want = _reference_tiles(pairs, {scene.scene_id: scene}, threshold)
-        _assert_identical(tile_stats(pairs, {scene.scene_id: scene}, threshold), want)
+        _assert_identical(tile_stats(pairs, {scene.scene_id: scene}, threshold, threads=threads), want)
+
+
+DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_visible_mean_and_nodata_masks_equal_the_float32_reduce(dtype):
+    """The band-by-band masks give what the whole-array expressions give, to the bit, at the extremes of
+    each dtype (where an int32 sum would have to be exact for float32 to agree)."""
+    rng = np.random.default_rng(len(dtype))
+    n = 5000
+    if np.dtype(dtype).kind == "f":
+        flat = rng.uniform(-1e6, 1e6, (5, n)).astype(dtype)
+        flat[:, :3] = np.array([np.finfo(dtype).max / 8, 1e-30, -3.5], dtype)
+    else:
+        info = np.iinfo(dtype)
+        flat = rng.integers(info.min, info.max, (5, n), endpoint=True).astype(dtype)
+        flat[:, :4] = np.array([info.max, info.min, info.max - 1, 0], dtype)
+    mean, scratch = np.empty(n, np.float32), np.empty(n, np.intp)
+    for vis in ([0], [0, 1, 2], [1, 3, 4], [0, 1, 2, 3, 4]):
+        imagery._visible_mean(flat, vis, mean, scratch)
+        want = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
+        assert mean.tobytes() == want.tobytes(), vis
+    value = flat[2, 7]
+    hits, out = np.empty(n, bool), np.empty(n, bool)
+    got = imagery._any_band(flat, lambda band, out: np.equal(band, value, out=out), hits, out)
+    assert np.array_equal(got, (flat == value).any(axis=0)) and got.sum() >= 1
+
+
+def test_helper_threads_follow_the_scheduler():
+    """A helper thread per task only while tasks are fewer than the scheduler's threads."""
+    with dask.config.set(scheduler="sync"):
+        assert imagery.scheduler_threads() == 1
+    with dask.config.set(scheduler="threads", num_workers=3):
+        assert imagery.scheduler_threads() == 3
+    assert [imagery.helper_threads(n, 2) for n in (1, 2, 5)] == [1, 0, 0]
 
 
 # ---- how a task reads --------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ task keeps the pixels in the process that decodes them: the Dask graph carries o
 only the per-tile statistics, and memory stays bounded by a strip, not the scene. No pixel array outlives
 its task, so there is no lazy array for xarray to describe.
 
-Within a task, the task's own thread reads strips and copies each finished tile out of them, and
-``TILE_THREADS`` helper threads summarise the tiles meanwhile (GDAL decoding, copies and BLAKE2b hashing
-release the GIL), so one scene keeps two cores busy without splitting it into tasks that would decode
-their shared block rows twice. Strip and tile arrays are reused within a task.
+Within a task, the task's own thread reads strips and copies each finished tile out of them, and helper
+threads (``sweep``'s ``threads``) may summarise the tiles meanwhile (GDAL decoding, copies and BLAKE2b
+hashing release the GIL), so one scene can keep two cores busy without splitting it into tasks that would
+decode their shared block rows twice. The caller gives a task helpers only when there are fewer tasks
+than scheduler threads (``imagery.helper_threads``): ``np.bincount`` holds the GIL, so extra summarising
+threads in one process mostly queue for it. Strip and tile arrays are reused within a task.
 """
 
 from __future__ import annotations

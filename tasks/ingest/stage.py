@@ -1,8 +1,8 @@
 """The ingest stage as one plain function: catalog inputs → validated artifact tables in a folder.
 
 Runs on whatever Dask scheduler is active (threads when called plainly, the cluster when the Prefect
-wrapper opens a client), in batches of ``settings.ingest.batch_size`` sites so memory follows the
-batch, not the region.
+wrapper opens a client). The tiles of all scenes are one Dask computation of per-scene tasks, each holding
+a strip of its scene and a few tiles, so pixel memory follows the tasks in flight, not the region.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     reused = set(reused_tiles.index)
     units = [tile_unit(a, b) for a, b in zip(pairs["site_id"], pairs["scene_id"], strict=True)]
     todo = pairs[[u not in reused for u in units]]
-    tiles = _all_tile_stats(todo, by_id, s.ingest.cloud_threshold, s.ingest.batch_size, progress)
+    tiles = _all_tile_stats(todo, by_id, s.ingest.cloud_threshold, progress)
     tiles = _with_reused(tiles, pairs[[u in reused for u in units]], reused_tiles, by_id)
     timings["tiles"] = time.perf_counter() - t1
 
@@ -197,18 +197,22 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     return IngestResult(artifacts=artifacts, timings=timings, counts=counts, notes=notes, inputs=inputs)
 
 
-def _all_tile_stats(pairs, scenes: dict[str, Scene], cloud_threshold, batch_size, progress) -> pd.DataFrame:
-    site_ids = pairs["site_id"].drop_duplicates().tolist()
-    if not site_ids:
+def _all_tile_stats(pairs, scenes: dict[str, Scene], cloud_threshold, progress) -> pd.DataFrame:
+    """Statistics of every tile in ``pairs``, all scenes' tasks in one Dask computation.
+
+    Not in site batches: a batch that cuts a scene's tiles in two decodes the block rows they share
+    twice and waits for its slowest scene before the next batch starts. Memory does not need batches
+    here: a task holds one strip and a few tiles whatever the region (``tasks.ingest.pixels``), and only
+    the statistics come back.
+    """
+    if not len(pairs):
         return pd.DataFrame(columns=[*TILE_COLUMNS, "coverage"])
-    frames = []
-    for start in range(0, len(site_ids), batch_size):
-        batch = set(site_ids[start : start + batch_size])
-        frames.append(tile_stats(pairs[pairs["site_id"].isin(batch)], scenes, cloud_threshold))
-        if progress is not None:
-            progress(min(start + batch_size, len(site_ids)), len(site_ids))
-    tiles = pd.concat(frames, ignore_index=True)
-    return tiles.merge(pairs[["site_id", "scene_id", "coverage"]], on=["site_id", "scene_id"])
+    tiles = tile_stats(pairs, scenes, cloud_threshold)
+    if progress is not None:
+        n = int(pairs["site_id"].nunique())
+        progress(n, n)
+    tiles["coverage"] = pairs["coverage"].to_numpy()
+    return tiles
 
 
 def _primary_grids(tiles: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
