@@ -18,9 +18,10 @@ from rasterio.windows import Window
 from schemas.catalog import ARTIFACTS, load_catalog
 from schemas.tables import TABLES, validate
 from tasks.demo.layout import SITE_PX, scene_sites
-from tasks.ingest.imagery import PERCENTILES, cloud_dn, open_scene, site_windows, tile_stats, visible_bands
+from tasks.ingest.imagery import open_scene, site_windows
 from tasks.ingest.labels import normalise_assignments, site_roles
 from tasks.ingest.stage import run_ingest
+from tasks.ingest.tiles import PERCENTILES, cloud_dn, tile_stats, visible_bands
 from tasks.store.artifacts import geo_parts, read_table
 
 REPO = Path(__file__).resolve().parents[1]

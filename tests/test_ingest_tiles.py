@@ -23,10 +23,11 @@ import rioxarray
 from distributed import Client, LocalCluster
 
 from schemas.catalog import load_catalog
-from tasks.ingest import imagery, pixels
-from tasks.ingest.imagery import cloud_dn, open_scene, scene_tasks, site_windows, tile_stats, visible_bands
+from tasks.ingest import pixels, tiles
+from tasks.ingest.imagery import open_scene, site_windows
 from tasks.ingest.labels import normalise_sites
 from tasks.ingest.readers import read_vector
+from tasks.ingest.tiles import cloud_dn, scene_tasks, tile_stats, visible_bands
 from tasks.store.artifacts import bytes_hash
 from tasks.store.errors import InputError
 
@@ -274,7 +275,7 @@ def test_demo_region_tiles_equal_the_previous_implementation(demo_root, monkeypa
     _assert_identical(tile_stats(pairs, scenes, threshold), want)
     # The same with every tile summarised in the reading thread, and with a helper thread per task,
     # with one task per three tiles.
-    monkeypatch.setattr(imagery, "SECTION_TILES", 3)
+    monkeypatch.setattr(tiles, "SECTION_TILES", 3)
     assert len(scene_tasks(pairs, scenes)) == sum(-(-n // 3) for n in pairs.groupby("scene_id").size())
     for threads in (0, 1):
         _assert_identical(tile_stats(pairs, scenes, threshold, threads=threads), want)
@@ -306,7 +307,7 @@ def test_other_layouts_and_dtypes_equal_the_previous_implementation(name, tmp_pa
     scene = open_scene(_synthetic_scene(tmp_path, name, rng), SYNTHETIC[name][2], 1)
     pairs = _pairs(scene, _random_windows(rng, scene.height, scene.width, 70, 90))
     monkeypatch.setattr(pixels, "STRIP_ROWS", 24)
-    monkeypatch.setattr(imagery, "SECTION_TILES", 25)
+    monkeypatch.setattr(tiles, "SECTION_TILES", 25)
     for threshold, threads in ((None, 0), (2000.0, 1)):
         want = _reference_tiles(pairs, {scene.scene_id: scene}, threshold)
         _assert_identical(tile_stats(pairs, {scene.scene_id: scene}, threshold, threads=threads), want)
@@ -330,22 +331,22 @@ def test_visible_mean_and_nodata_masks_equal_the_float32_reduce(dtype):
         flat[:, :4] = np.array([info.max, info.min, info.max - 1, 0], dtype)
     mean, scratch = np.empty(n, np.float32), np.empty(n, np.intp)
     for vis in ([0], [0, 1, 2], [1, 3, 4], [0, 1, 2, 3, 4]):
-        imagery._visible_mean(flat, vis, mean, scratch)
+        tiles._visible_mean(flat, vis, mean, scratch)
         want = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
         assert mean.tobytes() == want.tobytes(), vis
     value = flat[2, 7]
     hits, out = np.empty(n, bool), np.empty(n, bool)
-    got = imagery._any_band(flat, lambda band, out: np.equal(band, value, out=out), hits, out)
+    got = tiles._any_band(flat, lambda band, out: np.equal(band, value, out=out), hits, out)
     assert np.array_equal(got, (flat == value).any(axis=0)) and got.sum() >= 1
 
 
 def test_helper_threads_follow_the_scheduler():
     """A helper thread per task only while tasks are fewer than the scheduler's threads."""
     with dask.config.set(scheduler="sync"):
-        assert imagery.scheduler_threads() == 1
+        assert tiles.scheduler_threads() == 1
     with dask.config.set(scheduler="threads", num_workers=3):
-        assert imagery.scheduler_threads() == 3
-    assert [imagery.helper_threads(n, 2) for n in (1, 2, 5)] == [1, 0, 0]
+        assert tiles.scheduler_threads() == 3
+    assert [tiles.helper_threads(n, 2) for n in (1, 2, 5)] == [1, 0, 0]
 
 
 # ---- how a task reads --------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def test_a_sweep_never_holds_the_scene(tmp_path, threads):
     rng = np.random.default_rng(3)
     windows = [(int(r), int(c), 224, 224) for r, c in rng.integers(-100, width - 100, (120, 2)) * (2, 1)]
     job = scene_tasks(_pairs(scene, windows), {scene.scene_id: scene})[0][0]
-    summarise = partial(imagery._summarise, nodata=0, vis_idx=[], dn=cloud_dn("uint16", None))
+    summarise = partial(tiles._summarise, nodata=0, vis_idx=[], dn=cloud_dn("uint16", None))
     pixels.sweep(job, summarise, threads)  # warm up GDAL and this thread's scratch buffers
     tracemalloc.start()
     try:

@@ -20,7 +20,7 @@ Within a task, the task's own thread reads strips and copies each finished tile 
 threads (``sweep``'s ``threads``) may summarise the tiles meanwhile (GDAL decoding, copies and BLAKE2b
 hashing release the GIL), so one scene can keep two cores busy without splitting it into tasks that would
 decode their shared block rows twice. The caller gives a task helpers only when there are fewer tasks
-than scheduler threads (``imagery.helper_threads``): ``np.bincount`` holds the GIL, so extra summarising
+than scheduler threads (``tiles.helper_threads``): ``np.bincount`` holds the GIL, so extra summarising
 threads in one process mostly queue for it. Strip and tile arrays are reused within a task.
 """
 
@@ -161,7 +161,7 @@ def padded(tile: np.ndarray, pad: tuple, fill: float) -> np.ndarray:
 
 class _Buffers:
     """Flat arrays of one capacity, reused: a freed strip or tile comes back here instead of to the
-    allocator (on a Dask worker every large freed block goes back to the OS, see ``imagery._Scratch``);
+    allocator (on a Dask worker every large freed block goes back to the OS, see ``tiles._Scratch``);
     there are never more of them than were in use at once."""
 
     def __init__(self, dtype, capacity: int) -> None:

@@ -17,17 +17,7 @@ import pandas as pd
 from shapely.geometry import box
 
 from schemas.catalog import Catalog
-from tasks.ingest.imagery import (
-    STAT_COLUMNS,
-    TILE_COLUMNS,
-    Scene,
-    find_scenes,
-    open_scene,
-    site_windows,
-    tile_keys,
-    tile_stats,
-    tile_unit,
-)
+from tasks.ingest.imagery import Scene, find_scenes, open_scene, site_windows
 from tasks.ingest.label_keys import LABELS_STAGE
 from tasks.ingest.labels import (
     LABEL_COLUMNS,
@@ -41,6 +31,7 @@ from tasks.ingest.labels import (
     site_roles,
 )
 from tasks.ingest.readers import read_table_file, read_vector
+from tasks.ingest.tiles import STAT_COLUMNS, TILE_COLUMNS, tile_keys, tile_stats, tile_unit
 from tasks.store.artifacts import write_table
 from tasks.store.errors import InputError
 from tasks.store.hash_cache import HashCache
