@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from schemas.catalog import Catalog
+from tasks.consensus.batch_io import read_site_rows
 from tasks.consensus.em import EMModel
 from tasks.consensus.incremental import (
     INPUTS_STAGE,
@@ -46,6 +47,7 @@ from tasks.consensus.stage import (
     site_pattern_counts,
     site_voters,
 )
+from tasks.memory import releasing_memory
 from tasks.store.artifacts import bytes_hash, file_hash, read_table, unshare, write_table
 from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
@@ -73,11 +75,11 @@ def write_consensus_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: n
 
 
 def _load_tables(version_dir: str, uris: dict[str, str], site_ids: list[str]):
-    """The ingest tables of one batch (Parquet filters), read inside its own Dask task so no process holds
-    the whole region."""
+    """The ingest tables of one batch, read inside its own Dask task so no process holds the whole region
+    (labels: only the row groups that can hold the batch's sites, streamed; see batch_io.py)."""
     flt = [("site_id", "in", site_ids)]
     sites = read_table(Path(version_dir) / uris["sites"], filters=flt)
-    labels = read_table(Path(version_dir) / uris["labels"], filters=flt)
+    labels = read_site_rows(Path(version_dir) / uris["labels"], site_ids)
     assignments = read_table(Path(version_dir) / uris["assignments"], filters=flt)
     return sites, labels, assignments
 
@@ -99,6 +101,7 @@ class _FirstPass:
     counts: pd.DataFrame
 
 
+@releasing_memory
 def _first_pass(
     version_dir: str,
     uris: dict[str, str],
@@ -135,6 +138,7 @@ def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+@releasing_memory
 def _consensus_chunk(
     version_dir: str,
     uris: dict[str, str],

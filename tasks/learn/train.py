@@ -8,7 +8,6 @@ cloud-covered or uncertain sites count for what they carry.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -30,6 +29,7 @@ from tasks.learn.model import (
     train,
 )
 from tasks.learn.params import LearnParams
+from tasks.memory import trim_heap
 
 _INIT_LOCK = threading.Lock()
 
@@ -176,10 +176,8 @@ def release_free_memory() -> None:
     """Hand freed heap memory back to the OS once a network is done (glibc ``malloc_trim``): with the
     raised mmap threshold its buffers would otherwise stay in the worker's heap for the next stages.
     Only where ``reuse_large_allocations`` applies."""
-    if not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        trim_heap()
 
 
 def fit(examples: list, params: LearnParams, seed: int, device) -> tuple[UNet, dict]:
