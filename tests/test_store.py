@@ -399,3 +399,24 @@ def test_tables_are_written_in_row_groups_a_filtered_read_can_skip(tmp_path):
     assert ranges[0][1] < ranges[1][0] and ranges[1][1] < ranges[2][0]  # disjoint: prunable by site
     got = read_table(tmp_path / "k.parquet", filters=[("unit_id", "in", [ids[3], ids[-1]])])
     assert got["unit_id"].tolist() == [ids[3], ids[-1]]
+
+
+def test_latest_pointing_at_a_deleted_version_falls_back_with_a_warning(tmp_path):
+    import shutil as _shutil
+    import warnings
+
+    store = VersionStore(tmp_path)
+    ids = []
+    for _ in range(2):
+        d = store.new_draft()
+        store.publish(d, {"n": 1})
+        ids.append(d.version_id)
+    assert store.latest_id() == ids[1]
+    _shutil.rmtree(store.version_path(ids[1]))
+    with pytest.warns(UserWarning, match="whose folder is gone"):
+        assert store.latest_id() == ids[0]
+    _shutil.rmtree(store.version_path(ids[0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.latest_id() is None
+    assert "no version is left" in str(caught[0].message)

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,10 +69,21 @@ class VersionStore:
 
     # ---- reading -------------------------------------------------------------------------------
     def latest_id(self) -> str | None:
+        """The version ``LATEST`` names; if someone deleted that folder by hand, the newest published
+        version left (with a warning), so the next refresh builds on what exists instead of failing."""
         try:
-            return json.loads((self.dir / LATEST).read_text(encoding="utf-8"))["version_id"]
+            named = json.loads((self.dir / LATEST).read_text(encoding="utf-8"))["version_id"]
         except FileNotFoundError:
             return None
+        if (self.dir / named / MANIFEST).exists():
+            return named
+        left = self.list()
+        warnings.warn(
+            f"{self.dir / LATEST} names version {named!r}, whose folder is gone; "
+            + (f"using the newest published version left, {left[-1]}" if left else "no version is left"),
+            stacklevel=2,
+        )
+        return left[-1] if left else None
 
     def version_path(self, version_id: str) -> Path:
         path = (self.dir / version_id).resolve()
