@@ -17,7 +17,8 @@ import yaml
 from schemas.catalog import load_catalog
 from tasks.consensus.run import run_consensus_stage
 from tasks.ingest.stage import run_ingest
-from tasks.learn.label_issues import choose_fit, run_label_issues_stage
+from tasks.learn.issue_reuse import choose_fit
+from tasks.learn.label_issues import run_label_issues_stage
 from tasks.learn.pixel_issues import IssueParams, PixelStats, fit_pixel_cl, fit_summary, quantise
 from tasks.store.artifacts import read_table, write_table
 from tasks.store.grid import SiteGrid
@@ -297,7 +298,7 @@ def test_model_probabilities_are_keyed_per_site(v1):
 def test_sum_of_encoded_histograms_is_exact():
     import numpy as np
 
-    from tasks.learn.label_issues import sum_encoded
+    from tasks.learn.issue_reuse import sum_encoded
     from tasks.learn.pixel_issues import PixelStats
 
     rng = np.random.default_rng(3)

@@ -12,7 +12,7 @@ reprocess reads only the sites whose inputs (or the fit they used) changed; rank
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -22,7 +22,16 @@ import numpy as np
 import pandas as pd
 
 from schemas.catalog import Catalog
-from tasks.learn.issue_ranking import ISSUE_COLUMNS, gold_records, rank_frames, rank_tables, score_tables
+from tasks.learn.issue_ranking import gold_records, rank_frames, rank_tables, score_tables
+from tasks.learn.issue_reuse import (
+    POOLED,
+    choose_fit,
+    input_keys,
+    previous_site_rows,
+    read_stats,
+    stats_table,
+    sum_encoded,
+)
 from tasks.learn.issue_sites import (
     SiteWork,
     build_work,
@@ -38,20 +47,14 @@ from tasks.learn.pixel_issues import (
     PixelStats,
     assignment_regions,
     fit_pixel_cl,
-    fit_summary,
 )
-from tasks.store.artifacts import file_hash, read_table, write_table
+from tasks.store.artifacts import read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
     Reuse,
-    carry_close,
-    code_key,
     content_key,
-    previous_rows,
-    read_keys,
     reuse_counts,
-    site_label_keys,
     write_keys,
 )
 from tasks.store.stage_result import StageResult
@@ -59,7 +62,6 @@ from tasks.store.stage_result import StageResult
 STAGE = "label_issues"
 OOS_URI = "oos_probabilities"
 STATS_URI = "label_issue_stats.parquet"
-POOLED = "*"  # label_issue_stats unit of the pooled histogram in use
 
 
 @dataclass
@@ -269,7 +271,7 @@ def run_label_issues_stage(
     timings = {"load": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
-    inputs = _input_keys(work, version_dir, source, labels, assignments, params, refs)
+    inputs = input_keys(work, version_dir, source, labels, assignments, params, refs)
     timings["keys"] = time.perf_counter() - t1
     notes = []
     if missing := [w.site_id for w in work if not w.has_probabilities]:
@@ -282,7 +284,7 @@ def run_label_issues_stage(
     # pass 1: per-site histograms (unchanged sites from the previous version), pooled, fitted
     t2 = time.perf_counter()
     stats_uri = ds["label_issue_stats"].uri if "label_issue_stats" in ds else STATS_URI
-    prev_stats = _read_stats(reuse.previous / stats_uri) if reuse.previous is not None else {}
+    prev_stats = read_stats(reuse.previous / stats_uri) if reuse.previous is not None else {}
     site_hists: dict[str, tuple[bytes, bytes, int]] = {}
     for w in scored:
         prev = prev_stats.get(w.site_id)
@@ -314,7 +316,7 @@ def run_label_issues_stage(
     }
     reused = reuse.reusable(STAGE, keys)
     li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
-    old_li, old_ai, reused = _previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
+    old_li, old_ai, reused = previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
     changed = [w for w in scored if w.site_id not in reused]
     issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
     li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
@@ -337,7 +339,7 @@ def run_label_issues_stage(
         odd = sorted(set(labels["label"].dropna().astype(str)) - known)
         if odd:
             notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
-    stats = _stats_table({w.site_id: (inputs[w.site_id], *site_hists[w.site_id]) for w in scored}, pooled)
+    stats = stats_table({w.site_id: (inputs[w.site_id], *site_hists[w.site_id]) for w in scored}, pooled)
     artifacts = {
         "label_issues": write_table("label_issues", li, version_dir / li_uri),
         "assignment_issues": write_table("assignment_issues", ai, version_dir / ai_uri),
@@ -353,113 +355,3 @@ def run_label_issues_stage(
         "label_issues_fit_carried": int(carried),
     }
     return LabelIssuesStageResult(artifacts, timings, counts, notes)
-
-
-# ---------------------------------------------------------------------------- incremental reprocessing
-def _key_params(params: IssueParams, reference_labellers: Sequence[str]) -> dict:
-    """Parameters a site's results depend on (batching and the carry tolerance change no result)."""
-    out = params.model_dump(mode="json", exclude={"batch_size", "carry_close"})
-    return out | {"reference_labellers": sorted(map(str, reference_labellers))}
-
-
-def _raster_part(upstream: Mapping[str, tuple[str, str]], site_id: str, path: str | None) -> str:
-    """What a site's raster input contributes to a key: the producing stage's unit key when it wrote one,
-    else the file's content hash; 'absent' without a file."""
-    if path is None:
-        return "absent"
-    if site_id in upstream:
-        return "key:" + upstream[site_id][0]
-    return "file:" + file_hash(path)
-
-
-def _input_keys(
-    work: list[SiteWork],
-    version_dir: Path,
-    source: str,
-    labels: pd.DataFrame,
-    assignments: pd.DataFrame,
-    params: IssueParams,
-    reference_labellers: Sequence[str],
-) -> dict[str, str]:
-    """site_id -> key of everything its histogram and issues read: the consensus raster, the probability
-    raster (or array), the site's labels and assignments, parameters and code."""
-    consensus_keys, train_keys = read_keys(version_dir, "consensus"), read_keys(version_dir, "train")
-    label_keys = site_label_keys(labels, assignments)
-    common = (source, _key_params(params, reference_labellers), code_key("tasks.learn", "tasks.store"))
-    out = {}
-    for w in work:
-        cons = _raster_part(consensus_keys, w.site_id, w.consensus_path)
-        if w.probs is not None:
-            prob = content_key(np.asarray(w.probs))
-        elif w.prob_kind == "consensus":
-            prob = _raster_part(consensus_keys, w.site_id, w.prob_path)
-        else:
-            prob = _raster_part(train_keys, w.site_id, w.prob_path)
-        out[w.site_id] = content_key("label_issues/input", cons, prob, label_keys.get(w.site_id), *common)
-    return out
-
-
-def sum_encoded(n_bins: int, hists: Iterable[tuple[bytes, bytes, int]]) -> PixelStats:
-    """The sum of many ``PixelStats.encode`` histograms in one pass (exact: integer counts)."""
-    hists = list(hists)
-    flat = np.zeros(2 * n_bins, np.int64)
-    if hists:
-        cells = np.frombuffer(b"".join(h[0] for h in hists), "<u4").astype(np.intp)
-        np.add.at(flat, cells, np.frombuffer(b"".join(h[1] for h in hists), "<i8"))
-    return PixelStats(flat.reshape(2, n_bins))
-
-
-def _read_stats(path: Path) -> dict[str, tuple[str, int, bytes, bytes]]:
-    """unit_id -> (key, n_bins, cells, counts) of a ``label_issue_stats`` table ({} when absent)."""
-    if not path.exists():
-        return {}
-    df = read_table(path)
-    return {
-        str(r.unit_id): (str(r.key), int(r.n_bins), bytes(r.cells), bytes(r.counts))
-        for r in df.itertuples(index=False)
-    }
-
-
-def _stats_table(sites: Mapping[str, tuple[str, bytes, bytes, int]], pooled: PixelStats) -> pd.DataFrame:
-    """The ``label_issue_stats`` rows: one per scored site and the pooled histogram in use ('*')."""
-    cells, counts = pooled.encode()
-    rows = [(POOLED, content_key(cells, counts), int(pooled.hist.sum()), cells, counts)]
-    rows += [(sid, key, n, c, k) for sid, (key, c, k, n) in sorted(sites.items())]
-    df = pd.DataFrame(rows, columns=["unit_id", "key", "n_pixels", "cells", "counts"])
-    df.insert(2, "n_bins", np.int64(pooled.hist.shape[1]))
-    return df.astype({"n_pixels": np.int64, "n_bins": np.int64})
-
-
-def choose_fit(
-    total: PixelStats, previous: tuple[str, int, bytes, bytes] | None, reuse: Reuse, params: IssueParams
-) -> tuple[PixelStats, PixelCL, bool]:
-    """(pooled histogram in use, its fit, carried?). Without refit the previous version's pooled
-    histogram stays in use while its fit is within ``carry_close`` of the refit (``fit_summary``)."""
-    fresh = fit_pixel_cl(total, params.filter_by)
-    if reuse.refit or previous is None or previous[1] != params.n_bins:
-        return total, fresh, False
-    old_stats = PixelStats.decode(params.n_bins, previous[2], previous[3])
-    old = fit_pixel_cl(old_stats, params.filter_by)
-    _, changed = carry_close({"fit": fit_summary(fresh)}, {"fit": fit_summary(old)}, params.carry_close)
-    return (total, fresh, False) if changed else (old_stats, old, True)
-
-
-def _previous_site_rows(
-    reuse: Reuse, li_uri: str, ai_uri: str, scored: list[SiteWork], reused: set[str]
-) -> tuple[pd.DataFrame | None, pd.DataFrame | None, set[str]]:
-    """The previous version's label_issues and assignment_issues rows of the reusable scored sites, and
-    the reusable units left once sites whose rows are missing or incomplete are dropped (recomputed)."""
-    ids = sorted(reused & {w.site_id for w in scored})
-    if not ids:
-        return None, None, reused
-    old_ai = previous_rows(reuse, ai_uri, ids)
-    old_li = previous_rows(reuse, li_uri, ids)
-    if old_ai is None or old_li is None:
-        return None, None, reused - set(ids)
-    have = old_ai.groupby("site_id")["labeller_id"].agg(lambda s: sorted(map(str, s))).to_dict()
-    ok = {w.site_id for w in scored if w.site_id in ids and have.get(w.site_id) == sorted(w.labellers)}
-    old_ai = old_ai[old_ai["site_id"].isin(ok)]
-    old_li = old_li[old_li["site_id"].isin(ok)] if len(old_li) else old_li
-    if len(old_li) == 0:
-        old_li = pd.DataFrame(columns=ISSUE_COLUMNS)
-    return old_li, old_ai, reused - (set(ids) - ok)

@@ -1,0 +1,137 @@
+"""Incremental reprocessing of the ``label_issues`` stage: what each site's results are keyed by, the
+per-site histograms kept in ``label_issue_stats``, carrying the previous fit, and taking over unchanged
+sites' rows from the previous version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.learn.issue_ranking import ISSUE_COLUMNS
+from tasks.learn.issue_sites import SiteWork
+from tasks.learn.pixel_issues import IssueParams, PixelCL, PixelStats, fit_pixel_cl, fit_summary
+from tasks.store.artifacts import file_hash, read_table
+from tasks.store.reuse import (
+    Reuse,
+    carry_close,
+    code_key,
+    content_key,
+    previous_rows,
+    read_keys,
+    site_label_keys,
+)
+
+POOLED = "*"  # label_issue_stats unit of the pooled histogram in use
+
+
+def key_params(params: IssueParams, reference_labellers: Sequence[str]) -> dict:
+    """Parameters a site's results depend on (batching and the carry tolerance change no result)."""
+    out = params.model_dump(mode="json", exclude={"batch_size", "carry_close"})
+    return out | {"reference_labellers": sorted(map(str, reference_labellers))}
+
+
+def raster_part(upstream: Mapping[str, tuple[str, str]], site_id: str, path: str | None) -> str:
+    """What a site's raster input contributes to a key: the producing stage's unit key when it wrote one,
+    else the file's content hash; 'absent' without a file."""
+    if path is None:
+        return "absent"
+    if site_id in upstream:
+        return "key:" + upstream[site_id][0]
+    return "file:" + file_hash(path)
+
+
+def input_keys(
+    work: list[SiteWork],
+    version_dir: Path,
+    source: str,
+    labels: pd.DataFrame,
+    assignments: pd.DataFrame,
+    params: IssueParams,
+    reference_labellers: Sequence[str],
+) -> dict[str, str]:
+    """site_id -> key of everything its histogram and issues read: the consensus raster, the probability
+    raster (or array), the site's labels and assignments, parameters and code."""
+    consensus_keys, train_keys = read_keys(version_dir, "consensus"), read_keys(version_dir, "train")
+    label_keys = site_label_keys(labels, assignments)
+    common = (source, key_params(params, reference_labellers), code_key("tasks.learn", "tasks.store"))
+    out = {}
+    for w in work:
+        cons = raster_part(consensus_keys, w.site_id, w.consensus_path)
+        if w.probs is not None:
+            prob = content_key(np.asarray(w.probs))
+        elif w.prob_kind == "consensus":
+            prob = raster_part(consensus_keys, w.site_id, w.prob_path)
+        else:
+            prob = raster_part(train_keys, w.site_id, w.prob_path)
+        out[w.site_id] = content_key("label_issues/input", cons, prob, label_keys.get(w.site_id), *common)
+    return out
+
+
+def sum_encoded(n_bins: int, hists: Iterable[tuple[bytes, bytes, int]]) -> PixelStats:
+    """The sum of many ``PixelStats.encode`` histograms in one pass (exact: integer counts)."""
+    hists = list(hists)
+    flat = np.zeros(2 * n_bins, np.int64)
+    if hists:
+        cells = np.frombuffer(b"".join(h[0] for h in hists), "<u4").astype(np.intp)
+        np.add.at(flat, cells, np.frombuffer(b"".join(h[1] for h in hists), "<i8"))
+    return PixelStats(flat.reshape(2, n_bins))
+
+
+def read_stats(path: Path) -> dict[str, tuple[str, int, bytes, bytes]]:
+    """unit_id -> (key, n_bins, cells, counts) of a ``label_issue_stats`` table ({} when absent)."""
+    if not path.exists():
+        return {}
+    df = read_table(path)
+    return {
+        str(r.unit_id): (str(r.key), int(r.n_bins), bytes(r.cells), bytes(r.counts))
+        for r in df.itertuples(index=False)
+    }
+
+
+def stats_table(sites: Mapping[str, tuple[str, bytes, bytes, int]], pooled: PixelStats) -> pd.DataFrame:
+    """The ``label_issue_stats`` rows: one per scored site and the pooled histogram in use ('*')."""
+    cells, counts = pooled.encode()
+    rows = [(POOLED, content_key(cells, counts), int(pooled.hist.sum()), cells, counts)]
+    rows += [(sid, key, n, c, k) for sid, (key, c, k, n) in sorted(sites.items())]
+    df = pd.DataFrame(rows, columns=["unit_id", "key", "n_pixels", "cells", "counts"])
+    df.insert(2, "n_bins", np.int64(pooled.hist.shape[1]))
+    return df.astype({"n_pixels": np.int64, "n_bins": np.int64})
+
+
+def choose_fit(
+    total: PixelStats, previous: tuple[str, int, bytes, bytes] | None, reuse: Reuse, params: IssueParams
+) -> tuple[PixelStats, PixelCL, bool]:
+    """(pooled histogram in use, its fit, carried?). Without refit the previous version's pooled
+    histogram stays in use while its fit is within ``carry_close`` of the refit (``fit_summary``)."""
+    fresh = fit_pixel_cl(total, params.filter_by)
+    if reuse.refit or previous is None or previous[1] != params.n_bins:
+        return total, fresh, False
+    old_stats = PixelStats.decode(params.n_bins, previous[2], previous[3])
+    old = fit_pixel_cl(old_stats, params.filter_by)
+    _, changed = carry_close({"fit": fit_summary(fresh)}, {"fit": fit_summary(old)}, params.carry_close)
+    return (total, fresh, False) if changed else (old_stats, old, True)
+
+
+def previous_site_rows(
+    reuse: Reuse, li_uri: str, ai_uri: str, scored: list[SiteWork], reused: set[str]
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None, set[str]]:
+    """The previous version's label_issues and assignment_issues rows of the reusable scored sites, and
+    the reusable units left once sites whose rows are missing or incomplete are dropped (recomputed)."""
+    ids = sorted(reused & {w.site_id for w in scored})
+    if not ids:
+        return None, None, reused
+    old_ai = previous_rows(reuse, ai_uri, ids)
+    old_li = previous_rows(reuse, li_uri, ids)
+    if old_ai is None or old_li is None:
+        return None, None, reused - set(ids)
+    have = old_ai.groupby("site_id")["labeller_id"].agg(lambda s: sorted(map(str, s))).to_dict()
+    ok = {w.site_id for w in scored if w.site_id in ids and have.get(w.site_id) == sorted(w.labellers)}
+    old_ai = old_ai[old_ai["site_id"].isin(ok)]
+    old_li = old_li[old_li["site_id"].isin(ok)] if len(old_li) else old_li
+    if len(old_li) == 0:
+        old_li = pd.DataFrame(columns=ISSUE_COLUMNS)
+    return old_li, old_ai, reused - (set(ids) - ok)
