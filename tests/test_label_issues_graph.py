@@ -20,7 +20,7 @@ from tasks.ingest.stage import run_ingest
 from tasks.store.artifacts import read_table
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUTS = ("label_issues", "assignment_issues.parquet", "label_issue_stats.parquet")
+OUTPUTS = ("label_issues", "assignment_issues.parquet", "label_issue_stats")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ version, changed ones recomputed, and the published tables equal those of a full
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from tasks.store.grid import SiteGrid
 from tasks.store.reuse import Reuse, read_keys, site_label_keys
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUTS = ("label_issues", "assignment_issues.parquet", "label_issue_stats.parquet")
-MINE = ("label_issues", "assignment_issues.parquet", "label_issue_stats.parquet", "reuse_keys/label_issues*")
+OUTPUTS = ("label_issues", "assignment_issues.parquet", "label_issue_stats")
+MINE = ("label_issues", "assignment_issues.parquet", "label_issue_stats", "reuse_keys/label_issues*")
 EDITED = "S00007"  # four crowd labellers, not a gold site
 
 
@@ -68,7 +69,7 @@ def _computed_here(vdir) -> set[str]:
 def v1(demo_root, tmp_path_factory):
     """The demo region ingested, with consensus and label issues (the consensus stand-in)."""
     root = tmp_path_factory.mktemp("li_incremental")
-    catalog = _catalog(root, demo_root / "inputs")
+    catalog = _catalog(root, demo_root / "inputs", stats_part_sites=4)
     vdir = root / "versions" / "v1"
     run_ingest(catalog, vdir)
     run_consensus_stage(catalog, vdir)
@@ -84,7 +85,7 @@ def edited(v1, demo_root):
     consensus parameters carried, as a reprocess does)."""
     root = v1["root"] / "edited"
     root.mkdir()
-    catalog = _catalog(root, demo_root / "inputs")
+    catalog = _catalog(root, demo_root / "inputs", stats_part_sites=4)
     labels = gpd.read_parquet(root / "inputs" / "labels.parquet")
     mine = labels.index[(labels["site_id"] == EDITED) & (labels["labeller_id"] == "shifted")]
     assert len(mine) >= 3
@@ -146,6 +147,14 @@ def test_label_change_recomputes_only_affected_sites_and_equals_a_full_recompute
     assert inc.counts["label_issues_stats_recomputed"] == len(affected)
     assert full.counts["label_issues_recomputed"] == full.counts["label_issues_units"]
     _assert_same(_tables(vinc), _tables(vfull))
+    # label_issue_stats: a part of unaffected sites is the previous version's file, hard-linked; a part
+    # holding an affected site is written anew
+    parts = sorted((vinc / "label_issue_stats").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    for part in parts:
+        before = prev / "label_issue_stats" / part.name
+        shared = before.exists() and os.path.samefile(part, before)
+        assert shared == (not set(pd.read_parquet(part)["unit_id"]) & affected), part.name
     # the edited site's rows changed; an unaffected site's rows are the previous version's
     old, new = read_table(prev / "assignment_issues.parquet"), _tables(vinc)["assignment_issues.parquet"]
     pick = lambda df, s: df[df["site_id"] == s].drop(columns="rank").reset_index(drop=True)  # noqa: E731
@@ -166,14 +175,15 @@ def test_refit_recomputes_issues_but_keeps_unchanged_histograms(v1, edited):
     assert inc.counts["label_issues_fit_carried"] == 0
     assert inc.counts["label_issues_stats_recomputed"] == len(affected)
     # the refit moved the fit, so every site's issues were recomputed (histograms only where changed)
-    star = lambda v: _tables(v)["label_issue_stats.parquet"].set_index("unit_id").loc["*", "key"]  # noqa: E731
+    star = lambda v: _tables(v)["label_issue_stats"].set_index("unit_id").loc["*", "key"]  # noqa: E731
     assert star(vinc) != star(prev) and _computed_here(vinc) == set(read_keys(vinc, "label_issues"))
     _assert_same(_tables(vinc), _tables(vfull))
     # the pooled histogram in use is the refit one: the sum of the sites'
-    stats = _tables(vinc)["label_issue_stats.parquet"].set_index("unit_id")
+    stats = _tables(vinc)["label_issue_stats"].set_index("unit_id")
     hist = lambda r: PixelStats.decode(int(r["n_bins"]), r["cells"], r["counts"]).hist  # noqa: E731
-    pooled = sum(hist(r) for u, r in stats.iterrows() if u != "*")
+    pooled = sum(hist(r) for u, r in stats.iterrows() if u not in ("*", "+"))
     assert np.array_equal(hist(stats.loc["*"]), pooled)
+    assert np.array_equal(hist(stats.loc["+"]), pooled)
 
 
 def test_a_site_label_change_alone_recomputes_that_site(v1):
@@ -298,7 +308,7 @@ def test_model_probabilities_are_keyed_per_site(v1):
 def test_sum_of_encoded_histograms_is_exact():
     import numpy as np
 
-    from tasks.learn.issue_reuse import sum_encoded
+    from tasks.learn.issue_stats import sum_encoded
     from tasks.learn.pixel_issues import PixelStats
 
     rng = np.random.default_rng(3)

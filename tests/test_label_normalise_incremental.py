@@ -7,6 +7,8 @@ and ``detect_label_changes`` finds exactly what comparing fully normalised table
 
 from __future__ import annotations
 
+import shutil
+
 import geopandas as gpd
 import pandas as pd
 import pytest
@@ -19,9 +21,17 @@ from tasks.ingest.label_keys import LABELS_STAGE, label_input_keys
 from tasks.ingest.labels import normalise_assignments, validate_labels
 from tasks.ingest.readers import read_table_file, read_vector
 from tasks.ingest.stage import run_ingest
-from tasks.store.artifacts import read_table
+from tasks.learn.issue_sites import label_attributes
+from tasks.store.artifacts import read_table, write_table
 from tasks.store.errors import InputError
-from tasks.store.reuse import Reuse, keys_path, read_keys
+from tasks.store.reuse import (
+    SITE_LABELS,
+    Reuse,
+    keys_path,
+    read_keys,
+    recorded_label_keys,
+    site_label_keys,
+)
 from tasks.store.versions import VersionStore
 
 TABLES = ("sites", "tiles", "labels", "assignments", "item_labels")
@@ -83,12 +93,18 @@ def _assert_same(catalog, r_inc, r_full, inc, full) -> None:
         assert r_inc.artifacts[name]["checksum"] == r_full.artifacts[name]["checksum"], name
     ka, kb = read_keys(inc, LABELS_STAGE), read_keys(full, LABELS_STAGE)
     assert {u: k for u, (k, _) in ka.items()} == {u: k for u, (k, _) in kb.items()}
+    # the per-site keys of the normalised rows that later stages read are recorded, and are right
+    for d in (inc, full):
+        recorded = {u: k for u, (k, _) in read_keys(d, SITE_LABELS).items()}
+        tables = [read_table(d / catalog.datasets[t].uri) for t in ("labels", "assignments")]
+        assert recorded == site_label_keys(*tables) and len(recorded) > 0
 
 
 def _full_comparison(catalog) -> tuple[list[str], list[str], list[str]]:
     """What comparing the fully normalised inputs with the published tables finds (the slow way)."""
     vdir = _latest(catalog)
-    before = published_label_keys(vdir, catalog)
+    before = site_label_keys(*(read_table(vdir / catalog.datasets[t].uri) for t in ("labels", "assignments")))
+    assert published_label_keys(vdir, catalog) == before  # what ingest recorded
     after = input_label_keys(catalog, read_table(vdir / catalog.datasets["sites"].uri))
     return (
         sorted(s for s in after.keys() & before.keys() if after[s] != before[s]),
@@ -204,6 +220,8 @@ def test_an_edit_recomputes_exactly_its_sites(published, tmp_path, normalised, e
     assert r_inc.counts[f"{LABELS_STAGE}_reused"] == len(after) - len(present)
     drawn = set(read_table(full / "labels")["site_id"])
     assert set().union(*normalised) == present & drawn  # the geometry work ran for the edited site only
+    site_keys = read_keys(inc, SITE_LABELS)
+    assert {u for u, (_, c) in site_keys.items() if c == "inc"} == present & set(site_keys)
     _assert_same(published, r_inc, r_full, inc, full)
 
 
@@ -317,3 +335,23 @@ def test_raw_keys_follow_content_not_file_layout(published):
 
 def _diff(a: dict, b: dict) -> set[str]:
     return {s for s in a.keys() | b.keys() if a.get(s) != b.get(s)}
+
+
+def test_recorded_label_keys_are_trusted_only_for_the_tables_they_were_made_from(published, tmp_path):
+    vdir, ds = _latest(published), published.datasets
+    paths = [vdir / ds[t].uri for t in ("labels", "assignments")]
+    sites = read_table(paths[1])["site_id"]
+    labels = read_table(paths[0])
+    assert recorded_label_keys(vdir, sites, *paths) == site_label_keys(labels, read_table(paths[1]))
+    # the attribute columns alone (label_issues plans its batches from them) read back the same rows
+    cols = ["polygon_id", "site_id", "labeller_id", "label"]
+    pd.testing.assert_frame_equal(label_attributes(paths[0]), labels[cols].reset_index(drop=True))
+    # a copy whose labels table was rewritten with one polygon moved: the record no longer applies
+    copy = tmp_path / "copy"
+    shutil.copytree(vdir, copy)
+    labels.loc[0, "geometry"] = shapely.affinity.translate(labels.loc[0, "geometry"], 4.0, 0.0)
+    shutil.rmtree(copy / ds["labels"].uri)
+    write_table("labels", labels, copy / ds["labels"].uri)
+    moved = [copy / ds[t].uri for t in ("labels", "assignments")]
+    assert recorded_label_keys(copy, sites, *moved) is None
+    assert published_label_keys(copy, published) == site_label_keys(labels, read_table(moved[1]))

@@ -76,13 +76,15 @@ LABEL_ISSUE_STATS = TableSpec(
     "Sufficient statistic of the label-issues fit: per site, the (given class x p(field) bin) pixel "
     "histogram of its crowd assignments, so a reprocess re-reads only the sites whose inputs changed; unit "
     "'*' is the pooled histogram the flags in use were fitted from (a reprocess without refit carries it "
-    "while the refit moves by at most settings.learn.label_issues.carry_close).",
+    "while the refit moves by at most settings.learn.label_issues.carry_close), unit '+' the exact sum of "
+    "every site's. Kept in parts of sites (an unchanged part is shared with the previous version) and "
+    "pooled.parquet ('*', '+'): a reprocess reads the key columns, the rows of changed sites and '+'.",
     {
-        "unit_id": _ids("Site, or '*' for the pooled histogram behind the flags in use."),
+        "unit_id": _ids("Site; '*' the pooled histogram behind the flags in use; '+' the sum of the sites'."),
         "key": Col(
             ID,
             "BLAKE2b-128 hex: the site's inputs behind its histogram (rasters, labels, parameters, code); "
-            "for '*' the histogram itself.",
+            "for '*' and '+' the histogram itself.",
             checks=(pa.Check.str_length(32, 32),),
         ),
         "n_bins": Col("int64", "p(field) bins per given class.", checks=(pa.Check.ge(1),)),

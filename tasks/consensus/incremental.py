@@ -20,7 +20,7 @@ next version to carry from.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,7 +31,7 @@ from tasks.consensus.em import EMModel
 from tasks.consensus.merge import BayesWeights, bayes_weights, merge_weights
 from tasks.consensus.params import ConsensusParams
 from tasks.store.grid import SiteGrid
-from tasks.store.reuse import carry_close, code_key, content_key, site_label_keys
+from tasks.store.reuse import carry_close, code_key, content_key
 
 MODEL_FORMAT = 1
 CODE_PACKAGES = ("tasks.consensus", "tasks.store")
@@ -53,14 +53,13 @@ def fit_key(params: ConsensusParams) -> str:
 # ------------------------------------------------------------------------------------------- input keys
 def site_input_keys(
     sites: pd.DataFrame,
-    labels: pd.DataFrame,
-    assignments: pd.DataFrame,
+    label_keys: Mapping[str, str],
     reference_labellers: Iterable[str],
     params: ConsensusParams,
     site_ids: Iterable[str] | None = None,
 ) -> dict[str, str]:
-    """Input key of every site in ``site_ids`` (default: every site of ``sites`` with assignments)."""
-    label_keys = site_label_keys(labels, assignments)
+    """Input key of every site in ``site_ids`` (default: every site of ``sites`` with a label key, i.e.
+    with assignments). ``label_keys``: ``site_label_keys`` of the sites' labels and assignments."""
     src_crs = str(getattr(sites, "crs", None) or "EPSG:4326")
     common = content_key(
         src_crs, sorted(str(r) for r in reference_labellers), params_dump(params), code_key(*CODE_PACKAGES)

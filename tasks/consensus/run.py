@@ -7,7 +7,6 @@ itself, so the caller never holds more than a batch of pixels.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,11 +16,14 @@ import dask
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from schemas.catalog import Catalog
-from tasks.consensus.batch_io import read_site_rows
-from tasks.consensus.em import EMModel
+from tasks.consensus.batch_tasks import (
+    concat_frames,
+    consensus_chunk,
+    first_pass,
+    labels_frame,
+)
 from tasks.consensus.incremental import (
     INPUTS_STAGE,
     STAGE,
@@ -29,33 +31,28 @@ from tasks.consensus.incremental import (
     carry_model,
     consensus_keys,
     fitted_model,
-    site_input_keys,
 )
 from tasks.consensus.items import item_consensus
-from tasks.consensus.merge import BayesWeights
 from tasks.consensus.params import ConsensusParams
 from tasks.consensus.patterns import PATTERN_COLUMNS, empty_site_counts, sum_counts
 from tasks.consensus.posterior import SITE_CONSENSUS_COLUMNS
 from tasks.consensus.stage import (
-    CONSENSUS_LABEL_COLUMNS,
     batches,
-    consensus_batch,
     fit_pooled_em,
     labeller_quality,
     quality_batch,
-    site_inputs,
-    site_pattern_counts,
-    site_voters,
 )
-from tasks.memory import releasing_memory
-from tasks.store.artifacts import bytes_hash, file_hash, read_table, unshare, write_table
+from tasks.store.artifacts import bytes_hash, read_table, unshare, write_table
 from tasks.store.folders import folder_record, previous_record
-from tasks.store.grid import SiteGrid
-from tasks.store.rasters import write_site_raster
-from tasks.store.reuse import Reuse, content_key, link_or_copy, previous_rows, reuse_counts, write_keys
+from tasks.store.reuse import (
+    Reuse,
+    content_key,
+    previous_rows,
+    recorded_label_keys,
+    reuse_counts,
+    write_keys,
+)
 from tasks.store.stage_result import StageResult
-
-RASTER_BANDS = ("probability", "risk")
 
 
 @dataclass
@@ -68,136 +65,6 @@ def params_from_catalog(catalog: Catalog) -> ConsensusParams:
     if catalog.settings.label_classes and "class_names" not in overrides:
         overrides["class_names"] = tuple(catalog.settings.label_classes)
     return ConsensusParams(**overrides)
-
-
-def write_consensus_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: np.ndarray) -> None:
-    write_site_raster(path, grid, np.stack([prob, risk]), RASTER_BANDS)
-
-
-def _load_tables(version_dir: str, uris: dict[str, str], site_ids: list[str]):
-    """The ingest tables of one batch, read inside its own Dask task so no process holds the whole region
-    (labels: only the row groups that can hold the batch's sites, streamed; see batch_io.py)."""
-    flt = [("site_id", "in", site_ids)]
-    sites = read_table(Path(version_dir) / uris["sites"], filters=flt)
-    labels = read_site_rows(Path(version_dir) / uris["labels"], site_ids)
-    assignments = read_table(Path(version_dir) / uris["assignments"], filters=flt)
-    return sites, labels, assignments
-
-
-def _load_batch(version_dir: str, uris: dict[str, str], site_ids: list[str], refs: list[str]) -> list:
-    """The SiteInputs of one batch."""
-    return list(site_inputs(*_load_tables(version_dir, uris, site_ids), refs))
-
-
-@dataclass
-class _FirstPass:
-    """Pass 1 of one batch: input keys and voters of every site; quality rows and per-site pattern counts,
-    computed for changed sites and taken from the previous version for the others."""
-
-    keys: dict[str, str]
-    voters: dict[str, tuple[str, ...]]
-    reused: list[str]
-    aq: pd.DataFrame
-    counts: pd.DataFrame
-
-
-@releasing_memory
-def _first_pass(
-    version_dir: str,
-    uris: dict[str, str],
-    site_ids: list[str],
-    refs: list[str],
-    params: ConsensusParams,
-    previous_keys: dict[str, str],
-    previous_dir: str | None,
-) -> _FirstPass:
-    """Quality and vote-pattern counts of one batch, in one task: both use (and then release) the batch's
-    per-site caches, so running them as two concurrent tasks on shared objects would race.
-
-    ``previous_keys``: input keys of the batch's sites in ``previous_dir`` (empty: recompute all)."""
-    sites, labels, assignments = _load_tables(version_dir, uris, site_ids)
-    keys = site_input_keys(sites, labels, assignments, refs, params, site_ids)
-    voters = site_voters(assignments, refs)
-    voters = {s: voters.get(s, ()) for s in keys}
-    reused = sorted(s for s, k in keys.items() if previous_keys.get(s) == k)
-    changed = sites[~sites["site_id"].astype(str).isin(reused)]
-    todo = list(site_inputs(changed, labels, assignments, refs))
-    del labels
-    aq = [quality_batch(todo, params)]
-    counts = [site_pattern_counts(todo, params)] if params.method == "em" else []
-    if reused and previous_dir is not None:
-        prev = Reuse(previous_dir)
-        aq.append(previous_rows(prev, uris["assignment_quality"], reused))
-        if params.method == "em":
-            counts.append(previous_rows(prev, uris["consensus_pattern_counts"], reused))
-    return _FirstPass(keys, voters, reused, _concat(aq), _concat(counts))
-
-
-def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame | None:
-    frames = [f for f in frames if f is not None and len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else None
-
-
-@releasing_memory
-def _consensus_chunk(
-    version_dir: str,
-    uris: dict[str, str],
-    index: int,
-    site_ids: list[str],
-    todo: list[str],
-    chunk_key: str,
-    refs: list[str],
-    model,
-    params: ConsensusParams,
-    previous_dir: str | None,
-    previous_sites: pd.DataFrame | None,
-) -> tuple[pd.DataFrame | None, list[tuple[str, str, int]]]:
-    """Pass 2 of one chunk of sites: consensus of the ``todo`` sites (rasters written here), the others'
-    rows and rasters taken from ``previous_dir``; writes the chunk's consensus_labels parts.
-
-    Returns (site_consensus rows, [(part file name, hash, rows)])."""
-    vdir = Path(version_dir)
-    raster_dir, labels_dir = vdir / uris["consensus_rasters"], vdir / uris["consensus_labels"]
-    site_rows, poly_rows = [], []
-    if todo:
-        batch = _load_batch(version_dir, uris, todo, refs)
-        grids = {s.site_id: s.grid for s in batch}
-        em = model if isinstance(model, EMModel) else None
-        res = consensus_batch(batch, em, model if isinstance(model, BayesWeights) else None, params)
-        for site_id, (prob, risk) in res.rasters.items():
-            write_consensus_raster(raster_dir / f"{site_id}.tif", grids[site_id], prob, risk)
-        site_rows.append(res.site_consensus)
-        poly_rows.append(_plain(res.consensus_labels))
-    reused = [s for s in site_ids if s not in set(todo)]
-    tag = f"{index:05d}-{chunk_key[:16]}"
-    if reused and previous_dir is not None:
-        prev = Path(previous_dir)
-        if previous_sites is not None and len(previous_sites):
-            site_rows.append(previous_sites)
-            for sid in previous_sites["site_id"]:
-                link_or_copy(prev / uris["consensus_rasters"] / f"{sid}.tif", raster_dir / f"{sid}.tif")
-        same = sorted((prev / uris["consensus_labels"]).glob(f"part-*-{tag}.parquet"))
-        if not todo and same:  # the previous version wrote this very chunk: share its parts
-            parts = []
-            for part in same:
-                link_or_copy(part, labels_dir / part.name)
-                parts.append((part.name, file_hash(part), pq.ParquetFile(part).metadata.num_rows))
-            return _concat(site_rows), parts
-        poly_rows.append(_plain(previous_rows(Reuse(previous_dir), uris["consensus_labels"], reused)))
-    polys = _concat(poly_rows)
-    if polys is None:
-        return _concat(site_rows), []
-    polys = polys.sort_values("polygon_id", kind="stable").reset_index(drop=True)
-    parts = []
-    tmp = labels_dir / f".chunk-{tag}"
-    write_table("consensus_labels", polys, tmp)
-    for part in sorted(tmp.glob("*.parquet")):
-        name = f"{part.name.removesuffix('.parquet')}-{tag}.parquet"
-        os.replace(part, labels_dir / name)
-        rows = pq.ParquetFile(labels_dir / name).metadata.num_rows
-        parts.append((name, file_hash(labels_dir / name), rows))
-    tmp.rmdir()
-    return _concat(site_rows), parts
 
 
 def _uris(catalog: Catalog) -> dict[str, str]:
@@ -255,6 +122,8 @@ def run_consensus_stage(
     done = read_table(version_dir / uris["assignments"], columns=["site_id", "status"])
     labelled = set(done.loc[done["status"] == "completed", "site_id"])
     site_ids = [str(s) for s in sites["site_id"] if s in labelled]
+    paths = version_dir / uris["labels"], version_dir / uris["assignments"]
+    label_keys = recorded_label_keys(version_dir, done["site_id"], *paths)
     prev_inputs: dict[str, str] = {}
     pass1_outputs = [uris["assignment_quality"]] + ([uris["consensus_pattern_counts"]] if em_method else [])
     if reuse.enabled and prev is not None and all((prev / u).exists() for u in pass1_outputs):
@@ -264,7 +133,7 @@ def run_consensus_stage(
     t1 = time.perf_counter()
     first = dask.compute(
         *[
-            dask.delayed(_first_pass)(
+            dask.delayed(first_pass)(
                 str(version_dir),
                 uris,
                 ids,
@@ -272,6 +141,7 @@ def run_consensus_stage(
                 params,
                 {s: prev_inputs[s] for s in ids if s in prev_inputs},
                 str(prev) if prev_inputs else None,
+                None if label_keys is None else {s: label_keys[s] for s in ids},
             )
             for ids in batches(site_ids, batch_size)
         ]
@@ -279,13 +149,13 @@ def run_consensus_stage(
     input_keys = {s: k for f in first for s, k in f.keys.items()}
     voters = {s: v for f in first for s, v in f.voters.items()}
     reused_inputs = {s for f in first for s in f.reused}
-    aq = _concat([f.aq for f in first])
+    aq = concat_frames([f.aq for f in first])
     aq = (
         quality_batch([], params)
         if aq is None
         else aq.sort_values(["site_id", "labeller_id"], kind="stable").reset_index(drop=True)
     )
-    site_counts = _concat([f.counts for f in first])
+    site_counts = concat_frames([f.counts for f in first])
     site_counts = (
         empty_site_counts()
         if site_counts is None
@@ -322,7 +192,7 @@ def run_consensus_stage(
     chunks = batches(site_ids, batch_size)
     outs = dask.compute(
         *[
-            dask.delayed(_consensus_chunk)(
+            dask.delayed(consensus_chunk)(
                 str(version_dir),
                 uris,
                 k,
@@ -343,7 +213,7 @@ def run_consensus_stage(
     timings["consensus"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    site_consensus = _concat(site_rows)
+    site_consensus = concat_frames(site_rows)
     site_consensus = (
         pd.DataFrame(columns=SITE_CONSENSUS_COLUMNS)
         if site_consensus is None
@@ -357,7 +227,7 @@ def run_consensus_stage(
             "checksum": bytes_hash(*(h.encode() for _, h, _ in parts)),
         }
     else:
-        labels_record = write_table("consensus_labels", _labels_frame([]), labels_dir)
+        labels_record = write_table("consensus_labels", labels_frame([]), labels_dir)
     prev_rasters, prev_record = previous_record(prev if reuse.enabled else None, "consensus_rasters")
     artifacts = {
         "assignment_quality": write_table("assignment_quality", aq, version_dir / uris["assignment_quality"]),
@@ -424,20 +294,6 @@ def _reusable_consensus(
     have = np.array([(prev / uris["consensus_rasters"] / f"{s}.tif").exists() for s in rows["site_id"]])
     reused -= set(rows.loc[~have, "site_id"])
     return reused, pd.DataFrame(rows.loc[have]).reset_index(drop=True)
-
-
-def _labels_frame(rows: list) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=CONSENSUS_LABEL_COLUMNS)
-
-
-def _plain(df: pd.DataFrame | None) -> pd.DataFrame | None:
-    """consensus_labels rows as a plain frame (shapely objects, ``crs`` column): parts read from different
-    CRS files and fresh GeoDataFrames concatenate without CRS clashes."""
-    if df is None or not len(df):
-        return None
-    out = pd.DataFrame(df)[CONSENSUS_LABEL_COLUMNS].copy()
-    out["geometry"] = pd.Series(np.asarray(df["geometry"], dtype=object), index=out.index, dtype=object)
-    return out
 
 
 def _write_model(model: ConsensusModel, path: Path) -> dict:

@@ -26,7 +26,15 @@ from tasks.ingest.labels import (
     require_no_pending_polygons,
 )
 from tasks.store.artifacts import read_table
-from tasks.store.reuse import Reuse, content_key, previous_rows, read_keys, site_label_keys
+from tasks.store.reuse import (
+    SITE_LABELS,
+    Reuse,
+    content_key,
+    previous_rows,
+    read_keys,
+    recorded_label_keys,
+    site_label_keys,
+)
 from tasks.store.versions import VersionStore
 
 
@@ -58,6 +66,12 @@ def published_label_keys(
 ) -> dict[str, str]:
     """``site_label_keys`` of the published ``labels`` and ``assignments`` (``site_ids`` only, if given)."""
     ds = catalog.datasets
+    stored = read_keys(version_dir, SITE_LABELS)
+    paths = version_dir / ds["labels"].uri, version_dir / ds["assignments"].uri
+    recorded = recorded_label_keys(version_dir, stored, *paths) if stored else None
+    if recorded is not None:  # as ingest recorded them for every site with assignments
+        wanted = recorded.keys() if site_ids is None else set(site_ids)
+        return {s: recorded[s] for s in sorted(wanted) if s in recorded}
     if site_ids is None:
         labels = read_table(version_dir / ds["labels"].uri)
         assignments = read_table(version_dir / ds["assignments"].uri)

@@ -35,7 +35,17 @@ from tasks.ingest.tiles import STAT_COLUMNS, TILE_COLUMNS, tile_keys, tile_stats
 from tasks.store.artifacts import write_table
 from tasks.store.errors import InputError
 from tasks.store.hash_cache import HashCache
-from tasks.store.reuse import Reuse, previous_rows, reuse_counts, write_keys
+from tasks.store.reuse import (
+    LABEL_TABLES,
+    LABEL_TABLES_UNIT,
+    SITE_LABELS,
+    Reuse,
+    label_tables_key,
+    previous_rows,
+    reuse_counts,
+    site_label_keys,
+    write_keys,
+)
 from tasks.store.stage_result import StageResult
 
 
@@ -123,6 +133,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     assignments = label_inputs.assignments
     assignments["n_polygons"] = polygon_counts(labels, assignments)
     require_no_pending_polygons(assignments, assignments["n_polygons"], label_inputs.assignments_path)
+    site_keys, reused_site_keys = _site_label_keys(labels, assignments, reused_label_sites, reuse)
 
     if "input_item_labels" in ds and Path(catalog.input_path("input_item_labels")).exists():
         i_path = catalog.input_path("input_item_labels")
@@ -166,7 +177,13 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
         f"reuse_keys/{LABELS_STAGE}": write_keys(
             out_dir, LABELS_STAGE, label_keys, reused_label_sites, reuse
         ),
+        f"reuse_keys/{SITE_LABELS}": write_keys(out_dir, SITE_LABELS, site_keys, reused_site_keys, reuse),
     }
+    # what SITE_LABELS was computed from: a stage trusts the keys only while the tables are these
+    tables_key = {
+        LABEL_TABLES_UNIT: label_tables_key(out_dir / ds["labels"].uri, out_dir / ds["assignments"].uri)
+    }
+    artifacts[f"reuse_keys/{LABEL_TABLES}"] = write_keys(out_dir, LABEL_TABLES, tables_key, set(), reuse)
     timings["write"] = time.perf_counter() - t3
     notes = [f"{int((~labels['was_valid']).sum())} invalid polygons repaired"] if len(labels) else []
     counts = {
@@ -292,6 +309,25 @@ def _labels(
     frames = [f for f in frames if len(f)] or frames[-1:]
     labels = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return _inferred_text_columns(labels), reused
+
+
+def _site_label_keys(
+    labels: pd.DataFrame, assignments: pd.DataFrame, reused_sites: set[str], reuse: Reuse
+) -> tuple[dict[str, str], set[str]]:
+    """Every site's ``site_label_keys`` value, recorded once here for the later stages and the watcher;
+    (keys, the sites whose key was taken over). A site whose raw label inputs are unchanged has the same
+    normalised rows, so its previous key stands; only the others' polygons are hashed."""
+    sites = set(assignments["site_id"].astype(str))
+    prev = reuse.previous_keys(SITE_LABELS) if reuse.enabled else {}
+    kept = {s: prev[s][0] for s in reused_sites & sites if s in prev}
+    todo = sorted(sites - kept.keys())
+    fresh = {}
+    if todo:
+        fresh = site_label_keys(
+            labels[labels["site_id"].astype(str).isin(todo)],
+            assignments[assignments["site_id"].astype(str).isin(todo)],
+        )
+    return dict(sorted((kept | fresh).items())), set(kept)
 
 
 def _inferred_text_columns(labels: pd.DataFrame) -> pd.DataFrame:

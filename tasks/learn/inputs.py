@@ -32,7 +32,7 @@ from tasks.store.artifacts import file_hash, read_table
 from tasks.store.folders import folder_record, previous_record
 from tasks.store.grid import SiteGrid
 from tasks.store.rasters import write_site_raster
-from tasks.store.reuse import Reuse, code_key, content_key, read_keys, site_label_keys
+from tasks.store.reuse import Reuse, code_key, content_key, read_keys, recorded_label_keys, site_label_keys
 from tasks.store.stage_result import StageResult
 
 DRAFT_PREFIX = ".draft-"
@@ -114,6 +114,7 @@ class Inputs:
     version_dir: Path
     assignments: pd.DataFrame = field(repr=False, default=None)
     labels_path: Path | None = None
+    assignments_path: Path | None = None
     reference_labellers: tuple[str, ...] = ()
 
     @property
@@ -212,7 +213,9 @@ class Inputs:
         """Key of what ``target`` reads: the reference polygons (gold) or the consensus raster plus the
         voters' polygons; the consensus stage's site key, else the raster file's hash."""
         if "labels" not in self._keys:
-            self._keys["labels"] = site_label_keys(self.labels, self.assignments)
+            sites, paths = self.assignments["site_id"], (self.labels_path, self.assignments_path)
+            recorded = recorded_label_keys(self.version_dir, sites, *paths) if all(paths) else None
+            self._keys["labels"] = recorded or site_label_keys(self.labels, self.assignments)
         label_key = self._keys["labels"].get(site_id)
         if site_id in self.ref_sites:
             return content_key("gold", label_key)
@@ -239,6 +242,7 @@ def load_inputs(catalog: Catalog, version_dir: Path) -> Inputs:
         version_dir=Path(version_dir),
         assignments=assignments,
         labels_path=version_dir / ds["labels"].uri,
+        assignments_path=version_dir / ds["assignments"].uri,
         reference_labellers=tuple(catalog.settings.reference_labellers),
     )
 

@@ -5,7 +5,7 @@ sites' rows from the previous version.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 from tasks.learn.issue_ranking import ISSUE_COLUMNS
 from tasks.learn.issue_sites import SiteWork
 from tasks.learn.pixel_issues import IssueParams, PixelCL, PixelStats, fit_pixel_cl, fit_summary
-from tasks.store.artifacts import file_hash, read_table
+from tasks.store.artifacts import file_hash
 from tasks.store.reuse import (
     Reuse,
     carry_close,
@@ -22,15 +22,13 @@ from tasks.store.reuse import (
     content_key,
     previous_rows,
     read_keys,
-    site_label_keys,
 )
-
-POOLED = "*"  # label_issue_stats unit of the pooled histogram in use
 
 
 def key_params(params: IssueParams, reference_labellers: Sequence[str]) -> dict:
-    """Parameters a site's results depend on (batching and the carry tolerance change no result)."""
-    out = params.model_dump(mode="json", exclude={"batch_size", "carry_close"})
+    """Parameters a site's results depend on (batching, the carry tolerance and the stats file layout
+    change no result)."""
+    out = params.model_dump(mode="json", exclude={"batch_size", "carry_close", "stats_part_sites"})
     return out | {"reference_labellers": sorted(map(str, reference_labellers))}
 
 
@@ -48,15 +46,13 @@ def input_keys(
     work: list[SiteWork],
     version_dir: Path,
     source: str,
-    labels: pd.DataFrame,
-    assignments: pd.DataFrame,
+    label_keys: Mapping[str, str],
     params: IssueParams,
     reference_labellers: Sequence[str],
 ) -> dict[str, str]:
     """site_id -> key of everything its histogram and issues read: the consensus raster, the probability
     raster (or array), the site's labels and assignments, parameters and code."""
     consensus_keys, train_keys = read_keys(version_dir, "consensus"), read_keys(version_dir, "train")
-    label_keys = site_label_keys(labels, assignments)
     common = (source, key_params(params, reference_labellers), code_key("tasks.learn", "tasks.store"))
     out = {}
     for w in work:
@@ -69,37 +65,6 @@ def input_keys(
             prob = raster_part(train_keys, w.site_id, w.prob_path)
         out[w.site_id] = content_key("label_issues/input", cons, prob, label_keys.get(w.site_id), *common)
     return out
-
-
-def sum_encoded(n_bins: int, hists: Iterable[tuple[bytes, bytes, int]]) -> PixelStats:
-    """The sum of many ``PixelStats.encode`` histograms in one pass (exact: integer counts)."""
-    hists = list(hists)
-    flat = np.zeros(2 * n_bins, np.int64)
-    if hists:
-        cells = np.frombuffer(b"".join(h[0] for h in hists), "<u4").astype(np.intp)
-        np.add.at(flat, cells, np.frombuffer(b"".join(h[1] for h in hists), "<i8"))
-    return PixelStats(flat.reshape(2, n_bins))
-
-
-def read_stats(path: Path) -> dict[str, tuple[str, int, bytes, bytes]]:
-    """unit_id -> (key, n_bins, cells, counts) of a ``label_issue_stats`` table ({} when absent)."""
-    if not path.exists():
-        return {}
-    df = read_table(path)
-    return {
-        str(r.unit_id): (str(r.key), int(r.n_bins), bytes(r.cells), bytes(r.counts))
-        for r in df.itertuples(index=False)
-    }
-
-
-def stats_table(sites: Mapping[str, tuple[str, bytes, bytes, int]], pooled: PixelStats) -> pd.DataFrame:
-    """The ``label_issue_stats`` rows: one per scored site and the pooled histogram in use ('*')."""
-    cells, counts = pooled.encode()
-    rows = [(POOLED, content_key(cells, counts), int(pooled.hist.sum()), cells, counts)]
-    rows += [(sid, key, n, c, k) for sid, (key, c, k, n) in sorted(sites.items())]
-    df = pd.DataFrame(rows, columns=["unit_id", "key", "n_pixels", "cells", "counts"])
-    df.insert(2, "n_bins", np.int64(pooled.hist.shape[1]))
-    return df.astype({"n_pixels": np.int64, "n_bins": np.int64})
 
 
 def choose_fit(

@@ -23,23 +23,18 @@ import pandas as pd
 
 from schemas.catalog import Catalog
 from tasks.learn.issue_ranking import gold_records, rank_frames, rank_tables, score_tables
-from tasks.learn.issue_reuse import (
-    POOLED,
-    choose_fit,
-    input_keys,
-    previous_site_rows,
-    read_stats,
-    stats_table,
-    sum_encoded,
-)
+from tasks.learn.issue_reuse import choose_fit, input_keys, previous_site_rows
 from tasks.learn.issue_sites import (
     SiteWork,
     build_work,
+    label_attributes,
     light_batches,
     read_site_probabilities,
     site_arrays,
     with_geometries,
+    without_geometries,
 )
+from tasks.learn.issue_stats import PreviousStats, write_stats
 from tasks.learn.pixel_issues import (
     KINDS,
     IssueParams,
@@ -54,14 +49,16 @@ from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
     Reuse,
     content_key,
+    recorded_label_keys,
     reuse_counts,
+    site_label_keys,
     write_keys,
 )
 from tasks.store.stage_result import StageResult
 
 STAGE = "label_issues"
 OOS_URI = "oos_probabilities"
-STATS_URI = "label_issue_stats.parquet"
+STATS_URI = "label_issue_stats"
 
 
 @dataclass
@@ -249,13 +246,17 @@ def run_label_issues_stage(
     params = params_from_catalog(catalog)
     t0 = time.perf_counter()
     sites = read_table(version_dir / ds["sites"].uri)
-    labels_path = version_dir / ds["labels"].uri
-    labels = read_table(labels_path)
-    assignments = read_table(version_dir / ds["assignments"].uri)
+    labels_path, a_path = version_dir / ds["labels"].uri, version_dir / ds["assignments"].uri
+    assignments = read_table(a_path)
+    # With the sites' label keys recorded, the polygons stay on disk: batches read their own.
+    label_keys = recorded_label_keys(version_dir, assignments["site_id"], labels_path, a_path)
+    labels = read_table(labels_path) if label_keys is None else label_attributes(labels_path)
     lq_path = version_dir / ds["labeller_quality"].uri
     lq = read_table(lq_path) if lq_path.exists() else None
     refs = catalog.settings.reference_labellers
     work = build_work(sites, labels, assignments, refs)
+    if "geometry" not in labels:
+        work = without_geometries(work, labels_path)
     cons_dir = version_dir / ds["consensus_rasters"].uri
     if probabilities is None:
         folder, source = _prob_folder(catalog, version_dir, params.probability_source)
@@ -271,7 +272,9 @@ def run_label_issues_stage(
     timings = {"load": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
-    inputs = input_keys(work, version_dir, source, labels, assignments, params, refs)
+    if label_keys is None:
+        label_keys = site_label_keys(labels, assignments)
+    inputs = input_keys(work, version_dir, source, label_keys, params, refs)
     timings["keys"] = time.perf_counter() - t1
     notes = []
     if missing := [w.site_id for w in work if not w.has_probabilities]:
@@ -284,19 +287,14 @@ def run_label_issues_stage(
     # pass 1: per-site histograms (unchanged sites from the previous version), pooled, fitted
     t2 = time.perf_counter()
     stats_uri = ds["label_issue_stats"].uri if "label_issue_stats" in ds else STATS_URI
-    prev_stats = read_stats(reuse.previous / stats_uri) if reuse.previous is not None else {}
-    site_hists: dict[str, tuple[bytes, bytes, int]] = {}
-    for w in scored:
-        prev = prev_stats.get(w.site_id)
-        if reuse.enabled and prev is not None and prev[0] == inputs[w.site_id] and prev[1] == params.n_bins:
-            site_hists[w.site_id] = (prev[2], prev[3], int(np.frombuffer(prev[3], "<i8").sum()))
-    total = sum_encoded(params.n_bins, site_hists.values())
-    todo = [w for w in scored if w.site_id not in site_hists]
-    fresh_total, fresh_hists = collect_stats(light_batches(_batches(todo, size), labels_path), params)
-    total = total + fresh_total
-    site_hists |= fresh_hists
+    prev_stats = PreviousStats.read(reuse, stats_uri)
+    scored_inputs = {w.site_id: inputs[w.site_id] for w in scored}
+    kept = prev_stats.reusable(scored_inputs, params.n_bins)
+    todo = [w for w in scored if w.site_id not in kept]
+    fresh_total, site_hists = collect_stats(light_batches(_batches(todo, size), labels_path), params)
+    total = prev_stats.total_with(kept, fresh_total, params.n_bins)
     notes += _empty_class_notes(total)
-    pooled, model, carried = choose_fit(total, prev_stats.get(POOLED), reuse, params)
+    pooled, model, carried = choose_fit(total, prev_stats.pooled, reuse, params)
     if carried:
         notes.append(
             f"label_issues kept the previous fit: the refit moved thresholds and flag cut-offs by <= "
@@ -339,11 +337,20 @@ def run_label_issues_stage(
         odd = sorted(set(labels["label"].dropna().astype(str)) - known)
         if odd:
             notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
-    stats = stats_table({w.site_id: (inputs[w.site_id], *site_hists[w.site_id]) for w in scored}, pooled)
     artifacts = {
         "label_issues": write_table("label_issues", li, version_dir / li_uri),
         "assignment_issues": write_table("assignment_issues", ai, version_dir / ai_uri),
-        "label_issue_stats": write_table("label_issue_stats", stats, version_dir / stats_uri),
+        "label_issue_stats": write_stats(
+            version_dir / stats_uri,
+            stats_uri,
+            scored_inputs,
+            site_hists,
+            prev_stats,
+            pooled,
+            total,
+            params.n_bins,
+            params.stats_part_sites,
+        ),
         f"reuse_keys/{STAGE}": write_keys(version_dir, STAGE, keys, reused, reuse),
     }
     timings["write"] = time.perf_counter() - t4

@@ -62,6 +62,9 @@ class IssueParams(BaseModel):
         64, ge=1, description="Flagged pixels needed to call an empty assignment wrong."
     )
     batch_size: int | None = Field(None, ge=1, description="Sites per Dask task; default ingest.batch_size.")
+    stats_part_sites: int = Field(
+        64, ge=1, description="Sites per label_issue_stats part (a reprocess rewrites the parts it changes)."
+    )
     carry_close: float = Field(
         0.01,
         ge=0,

@@ -102,12 +102,16 @@ def read_table(path: str | Path, columns: list[str] | None = None, filters=None)
     """Read a table written by :func:`write_table` (``filters``: pyarrow row filters, e.g. one batch's sites).
 
     A native-CRS folder comes back as one frame with shapely geometries and a ``crs`` column (rows from
-    different CRSs cannot share a GeoSeries); group by ``crs`` to get proper GeoDataFrames.
+    different CRSs cannot share a GeoSeries); group by ``crs`` to get proper GeoDataFrames. A folder of
+    plain Parquet parts (a table kept in parts so versions can share them) comes back as their rows.
     """
     path = Path(path)
     if path.is_dir():
         frames = []
         for part in sorted(path.glob("*.parquet")):
+            if b"geo" not in (pq.read_metadata(part).metadata or {}):  # a plain table kept in parts
+                frames.append(pd.read_parquet(part, columns=columns, filters=filters))
+                continue
             gdf = gpd.read_parquet(part, columns=columns, filters=filters)
             df = pd.DataFrame(gdf)
             # Plain shapely objects: a GeometryArray carries its part's CRS, and pandas refuses to

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tasks.store.artifacts import read_table, unshare, write_table
+from tasks.store.artifacts import file_hash, read_table, unshare, write_table
 
 KEYS_FOLDER = "reuse_keys"  # the catalog's ``reuse_keys`` artifact
 REPO = Path(__file__).resolve().parents[2]
@@ -304,6 +304,35 @@ def site_label_keys(labels: pd.DataFrame, assignments: pd.DataFrame) -> dict[str
         )
         l_keys = group_keys(lab, "site_id", LABEL_KEY_COLUMNS, sort_by=["polygon_id"])
     return {s: content_key(a_keys[s], l_keys.get(s)) for s in sorted(a_keys)}
+
+
+SITE_LABELS = "site_labels"  # reuse_keys/<this>.parquet: per site, its ``site_label_keys`` value (ingest)
+LABEL_TABLES = "site_labels_source"  # reuse_keys/<this>.parquet: the tables SITE_LABELS was computed from
+LABEL_TABLES_UNIT = "labels+assignments"
+
+
+def label_tables_key(labels_path: str | Path, assignments_path: str | Path) -> str:
+    """Content key of a version's ``labels`` (file or folder of parts) and ``assignments`` files."""
+    labels_path = Path(labels_path)
+    files = sorted(labels_path.glob("*.parquet")) if labels_path.is_dir() else [labels_path]
+    return content_key(*(f"{p.name}:{file_hash(p)}" for p in files), file_hash(assignments_path))
+
+
+def recorded_label_keys(
+    version_dir: str | Path, site_ids: Iterable[str], labels_path: str | Path, assignments_path: str | Path
+) -> dict[str, str] | None:
+    """``site_label_keys`` of ``site_ids`` as ingest recorded them in the version (``reuse_keys/site_labels``,
+    hashed once per site when its labels change, so no later stage hashes every site's polygons again).
+    None, to compute them from the tables, when the version has no record of one of them or its tables are
+    not the ones the record was made from (hashing the files costs far less than keying every polygon)."""
+    stored = read_keys(version_dir, SITE_LABELS)
+    ids = sorted({str(s) for s in site_ids})
+    if not stored or any(s not in stored for s in ids):
+        return None
+    source = read_keys(version_dir, LABEL_TABLES).get(LABEL_TABLES_UNIT)
+    if source is None or source[0] != label_tables_key(labels_path, assignments_path):
+        return None
+    return {s: stored[s][0] for s in ids}
 
 
 def _instants(values: pd.Series) -> list[str]:
