@@ -146,6 +146,58 @@ def test_networks_fanned_out_on_dask_workers_equal_those_trained_in_process(stag
     assert card_a["data_hash"] == card_b["data_hash"] and card_a["metrics"] == card_b["metrics"]
 
 
+def test_site_chunks_fan_out_on_dask_workers_and_equal_the_in_process_run(staged, upstream, monkeypatch):
+    """Train and pseudo_labels as tasks on a two-worker cluster, 4 sites a chunk: writing the training
+    tiles, the threshold evidence, the predictions and the vectorisation each run as several Dask tasks,
+    across both workers, yet every raster, weight and table equals the in-process run's (one 64-site
+    chunk each), so neither where nor how finely the sites are cut changes a result."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    import tasks.learn.pseudo_sites
+    import tasks.learn.tiles
+    from tasks.learn.tasks import cached_model
+
+    for module in (tasks.learn.tiles, tasks.learn.pseudo_sites):
+        monkeypatch.setattr(module, "CHUNK", 4)  # workers share this process (processes=False)
+    catalog, vdir, _, pseudo = staged
+    again = fresh_version(upstream, "v_chunks")
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, resources={"CPU": 64}, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        client.submit(run_train_stage, catalog, again, resources={"CPU": 1}).result()
+        result = client.submit(
+            run_pseudo_label_stage, catalog, again, cached_model, resources={"CPU": 1}
+        ).result()
+        workers = set(client.scheduler_info()["workers"])
+    ran: dict[str, list[str]] = {}
+    for rec in stream.data:
+        for name in ("write_tile_chunk", "evidence_chunk", "predict_chunk", "vectorise_chunk"):
+            if str(rec["key"]).startswith(f"{name}-"):
+                ran.setdefault(name, []).append(rec["worker"])
+    assert all(len(ran.get(n, [])) > 1 for n in ("write_tile_chunk", "evidence_chunk", "predict_chunk")), ran
+    assert set(ran["write_tile_chunk"]) == workers and {w for v in ran.values() for w in v} == workers
+    for folder in ("oos_probabilities", "pseudo_probabilities"):
+        paths = sorted((vdir / folder).glob("*.tif"))
+        assert paths and [p.name for p in paths] == sorted(p.name for p in (again / folder).glob("*.tif"))
+        for path in paths:
+            with rasterio.open(path) as a, rasterio.open(again / folder / path.name) as b:
+                np.testing.assert_array_equal(a.read(), b.read())
+    for name in ("model.pt", "model_fold1.pt"):
+        sa, sb = (load_checkpoint(v / "model" / name)[0].state_dict() for v in (vdir, again))
+        assert all(np.array_equal(sa[k].numpy(), sb[k].numpy()) for k in sa), name
+    card_a, card_b = (load_checkpoint(v / "model" / "model.pt")[1] for v in (vdir, again))
+    for k in ("data_hash", "sites", "metrics"):
+        assert card_a[k] == card_b[k], k
+    assert card_a["training"]["class_pixels"] == card_b["training"]["class_pixels"]
+    for table in ("pseudo_labels", "pseudo_label_thresholds.parquet"):
+        pd.testing.assert_frame_equal(read_table(vdir / table), read_table(again / table))
+    assert result.counts == pseudo.counts and result.notes == pseudo.notes
+
+
 def test_missing_imagery_nodata_sites_and_no_labels_give_defined_results(upstream):
     vdir = fresh_version(upstream, "v3")
     root = upstream.parents[1]

@@ -101,12 +101,18 @@ def test_gpu_stages_ran_on_the_gpu_worker_and_cpu_stages_did_not(refreshed, topo
 def test_cpu_stage_fan_out_stays_off_the_gpu_worker(refreshed, topology):
     """The Dask tasks a CPU stage fans out (ingest's raster statistics, consensus batches…) ask for CPU
     too, so the GPU worker's one thread stays free for the GPU stages; the train stage's networks (3 folds
-    + the final model, ``run_fit``) fan out onto the GPU worker, queued on its one thread."""
+    + the final model, ``run_fit``) and the pseudo-label stage's predictions (``predict_chunk``) fan out
+    onto the GPU worker, queued on its one thread, while the GPU stages' CPU work (writing the training
+    tiles, threshold evidence, vectorising) goes to the CPU worker."""
     _, _, stream = refreshed
     nested = [r for r in stream if not stage_of(r["key"])]
     fits = [r for r in nested if str(r["key"]).startswith("run_fit-")]
     assert len(fits) == 4 and {r["worker"] for r in fits} == {topology.gpu_worker_address}, fits
-    cpu_nested = [r for r in nested if r not in fits]
+    predictions = [r for r in nested if str(r["key"]).startswith("predict_chunk-")]
+    assert predictions and {r["worker"] for r in predictions} == {topology.gpu_worker_address}, predictions
+    for name in ("write_tile_chunk-", "evidence_chunk-", "vectorise_chunk-"):
+        assert any(str(r["key"]).startswith(name) for r in nested), name
+    cpu_nested = [r for r in nested if r not in fits and r not in predictions]
     assert len(cpu_nested) >= 4, "ingest, consensus and label_issues fan out"
     on_gpu = sorted({str(r["key"])[:40] for r in cpu_nested if r["worker"] == topology.gpu_worker_address})
     assert not on_gpu, on_gpu

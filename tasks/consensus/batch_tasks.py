@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.consensus.batch_io import read_site_rows
 from tasks.consensus.em import EMModel
 from tasks.consensus.incremental import (
     site_input_keys,
@@ -38,6 +37,7 @@ from tasks.store.reuse import (
     previous_rows,
     site_label_keys,
 )
+from tasks.store.site_rows import read_site_rows
 
 RASTER_BANDS = ("probability", "risk")
 
@@ -48,7 +48,7 @@ def write_consensus_raster(path: Path, grid: SiteGrid, prob: np.ndarray, risk: n
 
 def load_tables(version_dir: str, uris: dict[str, str], site_ids: list[str]):
     """The ingest tables of one batch, read inside its own Dask task so no process holds the whole region
-    (labels: only the row groups that can hold the batch's sites, streamed; see batch_io.py)."""
+    (labels: only the row groups that can hold the batch's sites, streamed; see site_rows.py)."""
     flt = [("site_id", "in", site_ids)]
     sites = read_table(Path(version_dir) / uris["sites"], filters=flt)
     labels = read_site_rows(Path(version_dir) / uris["labels"], site_ids)

@@ -47,6 +47,7 @@ TRAIN_CODE = (
     "tasks.learn.params",
     "tasks.learn.train",
     "tasks.learn.inputs",
+    "tasks.learn.site_inputs",
     "tasks.learn.tiles",
     "tasks.learn.folds",
     "tasks.learn.run",

@@ -8,6 +8,9 @@
    their out-of-sample probabilities, which never saw that labeller's polygons on that site).
 3. Vectorise every prediction; a polygon is ``kept`` when its confidence reaches its class threshold.
 
+The per-site work of 1-3 (evidence, prediction, vectorisation) runs a chunk of sites per Dask task, all in
+one computation (``tasks.learn.pseudo_sites``); this module decides what to do and writes the tables.
+
 Incremental reprocessing: the thresholds are keyed by (the model's key, parameters, code). With
 ``reuse.refit`` False (the model was kept) and the same key, the previous version's thresholds are
 carried whatever ``reuse.enabled`` says: they were calibrated for that model; otherwise they are reused
@@ -31,6 +34,7 @@ import pyarrow as pa
 from schemas.catalog import Catalog
 from tasks.learn.model import load_checkpoint
 from tasks.learn.params import LearnParams, params_from_catalog
+from tasks.learn.pseudo_sites import FIELD, SiteWork, fan_out
 from tasks.learn.run import (
     CARD,
     CHECKPOINT,
@@ -41,21 +45,10 @@ from tasks.learn.run import (
     environment,
     folder_artifact,
     load_inputs,
-    predict_into,
-    read_prob_raster,
 )
 from tasks.learn.train import configure_threads, device_for
-from tasks.learn.vectorise import (
-    best_iou,
-    choose_threshold,
-    instance_confidence,
-    instances,
-    polygons,
-    precision_at,
-    target_instances,
-)
+from tasks.learn.vectorise import choose_threshold, precision_at
 from tasks.store.artifacts import file_hash, read_table, write_table
-from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
     Reuse,
     code_key,
@@ -69,52 +62,15 @@ from tasks.store.reuse import (
 
 STAGE = "pseudo_labels"
 THRESHOLDS_UNIT = "__thresholds__"  # the thresholds' key in reuse_keys/pseudo_labels
-PSEUDO_CODE = (*TRAIN_CODE, "tasks.learn.pseudo", "tasks.learn.vectorise")
-FIELD = "field"  # the one polygon class of the three-class (background/interior/boundary) model
+PSEUDO_CODE = (*TRAIN_CODE, "tasks.learn.pseudo", "tasks.learn.pseudo_sites", "tasks.learn.vectorise")
 POLYGON_COLUMNS = ["polygon_id", "site_id", "class", "confidence", "source", "kept", "geometry", "crs"]
 
 
-def site_polygons(site_id: str, grid: SiteGrid, prob: np.ndarray, params: LearnParams, source: str) -> list:
-    ids = instances(prob, params.grow_px, params.min_polygon_px)
-    conf = instance_confidence(ids, prob, params.confidence)
-    rows = []
-    for i, geom in enumerate(polygons(ids, grid)):
-        if geom is None:
-            continue
-        rows.append(
-            {
-                "polygon_id": f"{site_id}-p{i:04d}",
-                "site_id": site_id,
-                "class": FIELD,
-                "confidence": float(np.clip(conf[i], 0.0, 1.0)),
-                "source": source,
-                "geometry": geom,
-                "crs": grid.crs,
-            }
-        )
-    return rows
-
-
-def threshold_evidence(inp: Inputs, oos_dir: Path, params: LearnParams) -> tuple[pd.DataFrame, dict]:
-    """Per out-of-sample polygon on the threshold sites: role, class, confidence, true positive; and the
-    number of target polygons per role."""
-    rows, n_targets = [], {}
-    for site_id in inp.labelled:
-        path, role = oos_dir / f"{site_id}.tif", inp.role(site_id)
-        if role not in params.threshold_roles or not path.exists():
-            continue
-        prob = read_prob_raster(path)
-        target, _ = inp.target(site_id, params)
-        pred = instances(prob, params.grow_px, params.min_polygon_px)
-        truth = target_instances(target, params.grow_px, params.min_polygon_px)
-        bp, _ = best_iou(pred, truth)
-        conf = instance_confidence(pred, prob, params.confidence)
-        rows += [
-            {"site_id": site_id, "role": role, "class": FIELD, "confidence": c, "tp": b >= params.match_iou}
-            for c, b in zip(conf, bp, strict=True)
-        ]
-        n_targets[role] = n_targets.get(role, 0) + int(truth.max())
-    return pd.DataFrame(rows, columns=["site_id", "role", "class", "confidence", "tp"]), n_targets
+def threshold_sites(inp: Inputs, oos_dir: Path, params: LearnParams) -> list[str]:
+    """The labelled sites whose out-of-sample polygons set the thresholds (``threshold_roles``), in order."""
+    return [
+        s for s in inp.labelled if inp.role(s) in params.threshold_roles and (oos_dir / f"{s}.tif").exists()
+    ]
 
 
 def choose_thresholds(
@@ -197,21 +153,17 @@ def pseudo_label_stage(
     thr_key = content_key("thresholds", model_key, pdump, list(catalog.settings.reference_labellers), code)
     thr_uri = ds["pseudo_label_thresholds"].uri
     carried = previous_thresholds(reuse, thr_uri, thr_key) if (reuse.enabled or not reuse.refit) else None
+    work = SiteWork()
     if carried is not None:
-        thresholds = carried
         notes.append(
             "thresholds carried from the previous version: calibrated for the same model"
             + (" (kept, refit=False)" if not reuse.refit else ", parameters and code")
         )
     else:
-        evidence, n_targets = threshold_evidence(inp, oos_dir, params)
-        thresholds, thr_notes = choose_thresholds(evidence, n_targets, params)
-        notes += thr_notes
-    threshold = float(thresholds["threshold"].iloc[0])
-    timings["thresholds"] = time.perf_counter() - t0
+        work.evidence_sites = threshold_sites(inp, oos_dir, params)
+    thr_notes_at = len(notes)  # the thresholds' notes go here once they are chosen (after the fan-out)
 
     # --------------------------------------------------------------------------------- units, keys
-    t1 = time.perf_counter()
     roles = dict(zip(inp.sites["site_id"], inp.sites["role"], strict=True))
     unlabelled = [s for s in inp.sites["site_id"] if roles[s] == "unlabelled" and s not in inp.ref_sites]
     single = [s for s in inp.sites["site_id"] if roles[s] == "single" and s not in inp.ref_sites]
@@ -236,7 +188,7 @@ def pseudo_label_stage(
         else:
             keys[s] = content_key("pseudo", "final", src, model_key, inp.tile_key(s), pdump, env, code)
 
-    # ------------------------------------------------------------------ reuse, copy, predict, vectorise
+    # ------------------------------------------------------------------------------- reuse, copy
     prev_out = reuse.previous / ds["pseudo_probabilities"].uri if reuse.previous else None
     reused = {
         s for s in reuse.reusable(STAGE, keys) if prev_out is not None and (prev_out / f"{s}.tif").exists()
@@ -251,36 +203,46 @@ def pseudo_label_stage(
     if prev_rows is not None and len(prev_rows):
         prev_rows = prev_rows.assign(crs=[inp.grids[s].crs for s in prev_rows["site_id"]])
         frames.append(prev_rows[[c for c in POLYGON_COLUMNS if c != "kept"]])
-    rows: list[dict] = []
-    copied = [s for s, (_, how) in units.items() if how == "oos" and s not in reused]
-    for s in copied:
+    work.copied = [s for s, (_, how) in units.items() if how == "oos" and s not in reused]
+    for s in work.copied:
         link_or_copy(oos_dir / f"{s}.tif", out_dir / f"{s}.tif")
-        rows += site_polygons(s, inp.grids[s], read_prob_raster(out_dir / f"{s}.tif"), params, units[s][0])
-    todo = {s: CHECKPOINT for s, (_, how) in units.items() if how == "final" and s not in reused}
-    empty: list[str] = []
-
-    def vectorise(px, prob):
-        if not px.valid.any():
-            empty.append(px.site_id)
-        rows.extend(site_polygons(px.site_id, px.grid, prob, params, units[px.site_id][0]))
-
-    if todo:
+    work.predict = [s for s, (_, how) in units.items() if how == "final" and s not in reused]
+    mean = std = None
+    if work.predict:
         # the model's own normalisation (a kept model keeps the statistics it was trained with)
         card = json.loads((ckpt.parent / CARD).read_text(encoding="utf-8"))
         mean = np.asarray(card["normalisation"]["mean"], np.float32)
         std = np.asarray(card["normalisation"]["std"], np.float32)
-        loader = model_loader or load_checkpoint
-        predict_into(todo, ckpt.parent, out_dir, inp, mean, std, params, device, loader, vectorise)
+    timings["load"] = time.perf_counter() - t0
+
+    # ------------------------------------- threshold evidence, prediction, vectorisation: chunk tasks
+    t1 = time.perf_counter()
+    sources = {s: units[s][0] for s in work.copied + work.predict}
+    loader = model_loader or load_checkpoint
+    fan_out(work, inp, sources, oos_dir, out_dir, ckpt, mean, std, params, device.type, loader)
     if no_imagery:
         notes.append(f"sites without imagery (no pseudo-labels): {', '.join(no_imagery)}")
-    if empty:
+    if work.empty:
         notes.append(
-            f"sites that are all nodata or cloud (probabilities NaN, no polygon): {', '.join(empty)}"
+            f"sites that are all nodata or cloud (probabilities NaN, no polygon): {', '.join(work.empty)}"
         )
-    timings["predict_and_vectorise"] = time.perf_counter() - t1
+    other = sorted(work.threads - {threads})
+    if other:
+        notes.append(f"some sites predicted with {other} torch thread(s), the stage with {threads}")
+    timings["sites"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    fresh = pd.DataFrame(rows, columns=[c for c in POLYGON_COLUMNS if c != "kept"])
+    if carried is not None:
+        thresholds = carried
+    else:
+        evidence = pd.DataFrame(work.evidence, columns=["site_id", "role", "class", "confidence", "tp"])
+        thresholds, thr_notes = choose_thresholds(evidence, work.n_targets, params)
+        notes[thr_notes_at:thr_notes_at] = thr_notes
+    threshold = float(thresholds["threshold"].iloc[0])
+    timings["thresholds"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    fresh = pd.DataFrame(work.rows, columns=[c for c in POLYGON_COLUMNS if c != "kept"])
     parts = [f for f in [*frames, fresh] if len(f)]
     labels = pd.concat(parts, ignore_index=True) if parts else fresh
     labels["confidence"] = labels["confidence"].astype(float)  # typed even without rows
@@ -299,7 +261,7 @@ def pseudo_label_stage(
             version_dir, STAGE, {**keys, THRESHOLDS_UNIT: thr_key}, reused | thr_reused, reuse
         ),
     }
-    timings["write"] = time.perf_counter() - t2
+    timings["write"] = time.perf_counter() - t3
     counts = {
         "pseudo_sites": len(units),
         "pseudo_polygons": len(labels),

@@ -7,6 +7,10 @@ another Dask worker reads the same bytes), and training reads the rows of each r
 file reads. Not ``np.memmap``: mapped pages count in the process's resident memory; read pages stay in
 the page cache, which the kernel reclaims. The bytes are the arrays the in-memory path had, so the crops,
 hence the trained weights, are identical.
+
+Writing them (reading each site's window, rasterising its target) is CPU work a site at a time: chunks of
+sites fan out as Dask tasks on the CPU workers, each reading only its own sites' label rows. The card's
+``data_hash`` is therefore a hash of per-site digests (in site order), which any chunking gives alike.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.learn.inputs import CHUNK
+from tasks.learn.site_inputs import chunk_inputs, chunks
 from tasks.learn.train import Example, class_sums
+from tasks.parallel import FanOut, cluster_scheduler
 from tasks.store.grid import SiteGrid
 
 SCRATCH = ".train-tiles"  # inside the version draft; removed when the stage ends
@@ -96,25 +103,62 @@ class TileSummary:
     class_sums: list[list]  # per usable site, ``train.class_sums`` (float32 sums, summed later in order)
     masked: int  # nodata/cloud pixels of every labelled tile (weight 0, output NaN)
     pixels: int
-    data_hash: str  # blake2b-128 of (site id, x, target, weight) of every usable site, in order
+    data_hash: str  # blake2b-128 of the usable sites' digests (``SiteTile.digest``), in order
+
+
+@dataclass(frozen=True)
+class SiteTile:
+    """One site's tile as written: its record, whether it trains, and what the summary needs of it."""
+
+    example: DiskExample
+    usable: bool
+    class_sums: list | None  # usable sites only
+    masked: int
+    pixels: int
+    digest: bytes  # blake2b-128 of (site id, x, target, weight)
 
 
 def write_tiles(inp, site_ids: list[str], params, folder: Path) -> TileSummary:
-    """Write every site's normalised pixels, target classes, weights (target weight x validity) and
-    validity mask into ``folder``, one site in memory at a time; a site is usable for training when
-    enough of it is valid and some pixel carries weight."""
+    """Write every site's tile into ``folder`` (see ``write_tile_chunk``), ``CHUNK`` sites per Dask task on
+    the CPU workers when the stage runs on a Dask worker (``tasks.parallel.FanOut``: each task gets its
+    sites' rows, not the region's tables), else here; then sum up in site order, so the summary does
+    not depend on where or in what order the chunks ran."""
     if folder.exists():
         shutil.rmtree(folder)  # left by an interrupted run
     folder.mkdir(parents=True)
+    with cluster_scheduler() as client:
+        run = FanOut(client)
+        parts = [
+            run.cpu(write_tile_chunk, chunk_inputs(inp, c), c, params, str(folder))
+            for c in chunks(site_ids, CHUNK)
+        ]
+        (parts,) = run.compute(parts)
+    tiles = [t for part in parts for t in part]
     h = hashlib.blake2b(digest_size=16)
-    examples, usable, sums = [], [], []
-    masked = pixels = 0
+    usable = [t for t in tiles if t.usable]
+    for t in usable:
+        h.update(t.digest)
+    return TileSummary(
+        [t.example for t in tiles],
+        [t.example for t in usable],
+        [t.class_sums for t in usable],
+        sum(t.masked for t in tiles),
+        sum(t.pixels for t in tiles),
+        h.hexdigest(),
+    )
+
+
+def write_tile_chunk(inp, site_ids: list[str], params, folder: str) -> list[SiteTile]:
+    """Write each site's normalised pixels, target classes, weights (target weight x validity) and
+    validity mask into ``folder``, one site in memory at a time; a site is usable for training when
+    enough of it is valid and some pixel carries weight."""
+    out = []
     for site_id in site_ids:
         px = inp.pixels(site_id)
         target, weight = inp.target(site_id, params)
         weight = weight * px.valid
         for name, arr in zip(ARRAYS, (px.x, target, weight, px.valid), strict=True):
-            np.save(folder / f"{site_id}.{name}.npy", np.ascontiguousarray(arr))
+            np.save(Path(folder) / f"{site_id}.{name}.npy", np.ascontiguousarray(arr))
         ex = DiskExample(
             site_id,
             inp.role(site_id),
@@ -124,15 +168,21 @@ def write_tiles(inp, site_ids: list[str], params, folder: Path) -> TileSummary:
             float(weight.sum()),
             float(px.valid.mean()),
         )
-        examples.append(ex)
-        masked += int((~px.valid).sum())
-        pixels += int(px.valid.size)
-        if ex.valid_fraction >= params.min_valid_fraction and ex.mass > 0:
-            usable.append(ex)
-            sums.append(class_sums(target, weight))
-            for part in (site_id.encode(), px.x, target, weight):
-                h.update(part)
-    return TileSummary(examples, usable, sums, masked, pixels, h.hexdigest())
+        usable = ex.valid_fraction >= params.min_valid_fraction and ex.mass > 0
+        h = hashlib.blake2b(digest_size=16)
+        for part in (site_id.encode(), px.x, target, weight):
+            h.update(part)
+        out.append(
+            SiteTile(
+                ex,
+                usable,
+                class_sums(target, weight) if usable else None,
+                int((~px.valid).sum()),
+                int(px.valid.size),
+                h.digest(),
+            )
+        )
+    return out
 
 
 def remove_tiles(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""Per-batch streamed reads (tasks/consensus/batch_io.py) return what a Parquet-filtered read returns,
+"""Per-batch streamed reads (tasks/store/site_rows.py) return what a Parquet-filtered read returns,
 reading only the row groups that can hold the batch's sites."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import pandas as pd
 import pytest
 import shapely
 
-import tasks.consensus.batch_io as batch_io
-from tasks.consensus.batch_io import read_site_rows
+import tasks.store.site_rows as site_rows
 from tasks.store.artifacts import read_table, write_table
+from tasks.store.site_rows import read_site_rows
 
 
 @pytest.fixture
 def labels_dir(tmp_path, monkeypatch):
     """A labels folder with two CRS parts, streamed in record batches smaller than a part."""
-    monkeypatch.setattr(batch_io, "STREAM_ROWS", 7)
+    monkeypatch.setattr(site_rows, "STREAM_ROWS", 7)
     rows = []
     for i in range(60):
         site, crs = f"S{i % 12:03d}", "EPSG:32630" if i % 12 < 8 else "EPSG:32631"
@@ -68,8 +68,8 @@ def test_only_row_groups_that_can_hold_the_sites_are_read(tmp_path, monkeypatch)
     (part,) = (tmp_path / "labels").glob("*.parquet")
     pf = pq.ParquetFile(part)
     assert pf.metadata.num_row_groups == 5
-    assert batch_io._row_groups(pf, ["S004", "S005"]) == [2]
-    assert batch_io._row_groups(pf, ["S000", "S009"]) == [0, 4]
-    assert batch_io._row_groups(pf, ["nope"]) == []
+    assert site_rows._row_groups(pf, ["S004", "S005"]) == [2]
+    assert site_rows._row_groups(pf, ["S000", "S009"]) == [0, 4]
+    assert site_rows._row_groups(pf, ["nope"]) == []
     got = read_site_rows(tmp_path / "labels", ["S004", "S009"])
     assert sorted(set(got["site_id"])) == ["S004", "S009"] and len(got) == 10

@@ -1,4 +1,4 @@
-"""Per-batch reads that keep a consensus task's memory independent of the region's size.
+"""Per-batch reads that keep a task's memory independent of the region's size (consensus and learn batches).
 
 A batch needs its own sites' polygons from the ``labels`` folder (one GeoParquet part per CRS). A Parquet
 ``filters`` read goes through Arrow's dataset scanner, which reads ahead several row groups at once and,
