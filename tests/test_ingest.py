@@ -120,7 +120,13 @@ def demo(demo_root, tmp_path_factory):
 
 def test_every_artifact_is_written_and_validates(demo):
     result, tables = demo["result"], demo["tables"]
-    assert set(result.artifacts) == {*INGEST_ARTIFACTS, "reuse_keys/ingest", "reuse_keys/ingest_labels"}
+    assert set(result.artifacts) == {
+        *INGEST_ARTIFACTS,
+        "reuse_keys/ingest",
+        "reuse_keys/ingest_labels",
+        "reuse_keys/site_labels",
+        "reuse_keys/site_labels_source",
+    }
     assert set(INGEST_ARTIFACTS) <= set(ARTIFACTS)
     for name in INGEST_ARTIFACTS:
         rec = result.artifacts[name]

@@ -2,7 +2,8 @@
 
 The reference below is the tiles code this path replaced, kept verbatim where it computes: each tile a
 slice of the scene opened as a Dask-chunked xarray (rioxarray), padded with the fill outside the scene,
-summarised by the previous ``_stats``. The new path must give the same table, bit for bit (content hash,
+summarised by the previous ``_stats`` (its content hash now XXH3-128 of the same bytes and shape instead
+of BLAKE2b). The new path must give the same table, bit for bit (content hash,
 fractions and every per-band statistic), on the demo region, on the real rasters and on synthetic scenes
 with other block layouts, dtypes and nodata values, for windows anywhere over and past the scene edges.
 """
@@ -20,15 +21,16 @@ import pandas as pd
 import pytest
 import rasterio
 import rioxarray
+import xxhash
 from distributed import Client, LocalCluster
 
 from schemas.catalog import load_catalog
-from tasks.ingest import pixels, tiles
+from tasks import memory
+from tasks.ingest import pixels, tile_summary, tiles
 from tasks.ingest.imagery import open_scene, site_windows
 from tasks.ingest.labels import normalise_sites
 from tasks.ingest.readers import read_vector
 from tasks.ingest.tiles import cloud_dn, scene_tasks, tile_stats, visible_bands
-from tasks.store.artifacts import bytes_hash
 from tasks.store.errors import InputError
 
 IMAGERY = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "imagery"
@@ -106,7 +108,7 @@ def _reference_stats(arr, nodata, vis_idx, cloud_dn, pad):
         "nodata_fraction": 1.0 - n_data / n,
         "cloud_fraction": float(cloud.sum() / n_data) if n_data else 0.0,
         "valid_fraction": float(valid.sum() / n),
-        "content_hash": bytes_hash(arr.reshape(-1).view(np.uint8), str(arr.shape).encode()),
+        "content_hash": xxhash.xxh3_128(arr.tobytes() + str(arr.shape).encode()).hexdigest(),
     }
     n_valid = int(np.count_nonzero(valid))
     if n_valid:
@@ -331,13 +333,40 @@ def test_visible_mean_and_nodata_masks_equal_the_float32_reduce(dtype):
         flat[:, :4] = np.array([info.max, info.min, info.max - 1, 0], dtype)
     mean, scratch = np.empty(n, np.float32), np.empty(n, np.intp)
     for vis in ([0], [0, 1, 2], [1, 3, 4], [0, 1, 2, 3, 4]):
-        tiles._visible_mean(flat, vis, mean, scratch)
+        tile_summary._visible_mean(flat, vis, mean, scratch)
         want = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
         assert mean.tobytes() == want.tobytes(), vis
     value = flat[2, 7]
     hits, out = np.empty(n, bool), np.empty(n, bool)
-    got = tiles._any_band(flat, lambda band, out: np.equal(band, value, out=out), hits, out)
+    got = tile_summary._any_band(flat, lambda band, out: np.equal(band, value, out=out), hits, out)
     assert np.array_equal(got, (flat == value).any(axis=0)) and got.sum() >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cloud_mask_equals_the_float32_mean_test_at_the_threshold(dtype):
+    """``_bright`` (for small integers an int32 sum against the least sum that passes) gives
+    ``float32 mean > dn`` to the bit: for thresholds equal to means that occur, just around them, between
+    two of them, past the extremes, and NaN."""
+    rng = np.random.default_rng(7 + len(dtype))
+    n = 4000
+    if np.dtype(dtype).kind == "f":
+        flat = rng.uniform(-1e4, 1e4, (4, n)).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        flat = rng.integers(info.min, info.max, (4, n), endpoint=True).astype(dtype)
+        flat[:, :2] = np.array([info.max, info.min], dtype)
+    out, mean, scratch = np.empty(n, bool), np.empty(n, np.float32), np.empty(n, np.intp)
+    for vis in ([2], [0, 1, 2], [0, 1, 2, 3]):
+        want_mean = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
+        some = [float(x) for x in want_mean[[0, 1, 5, 9]]]
+        dns = [*some, *(float(np.nextafter(np.float32(x), np.float32(np.inf))) for x in some)]
+        dns += [*(float(np.nextafter(np.float32(x), np.float32(-np.inf))) for x in some), some[2] + 0.3]
+        dns += [220.0, 4500.0, -1e9, 1e9, float("nan")]
+        for dn in dns:
+            got = tile_summary._bright(flat, vis, dn, out, mean, scratch)
+            want = want_mean > dn
+            assert np.array_equal(got, want), (vis, dn)
+        assert 0 < tile_summary._bright(flat, vis, some[2], out, mean, scratch).sum() < n
 
 
 def test_helper_threads_follow_the_scheduler():
@@ -452,3 +481,37 @@ def test_on_worker_processes_same_table_and_the_same_error(demo_root, make_catal
         with pytest.raises(InputError) as exc:
             tile_stats(bad_pairs, bad_scenes, threshold)
     assert exc.value.path == str(path) and "pixel window rows" in exc.value.reason
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from tasks.memory import keep_freed_memory
+
+def faults(keep):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with keep_freed_memory() if keep else open("/dev/null"):
+        for _ in range(100):
+            np.ones(1 << 20, np.uint8).sum()  # 1 MiB allocated, touched, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults(True)
+print(faults(False), faults(True))
+"""
+
+
+@pytest.mark.skipif(not hasattr(memory._libc(), "mallopt"), reason="glibc only")
+def test_sweeps_keep_freed_memory_on_a_worker_with_malloc_trim_threshold():
+    """With ``MALLOC_TRIM_THRESHOLD_`` set (as Dask's nanny sets it), every freed 1 MiB block is unmapped and
+    faulted in again (256 pages each time) unless a sweep's ``keep_freed_memory`` is active."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    plain, kept = map(int, out.stdout.split())
+    assert plain > 100 * 200 and kept < plain / 10, (plain, kept)

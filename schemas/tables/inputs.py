@@ -51,7 +51,9 @@ TILES = TableSpec(
         "cloud_fraction": Col(
             float, "Share of bright (cloud-like) pixels among data pixels.", checks=_FRACTION
         ),
-        "content_hash": Col(ID, "BLAKE2b of the tile's pixel bytes: changes iff the pixels change."),
+        "content_hash": Col(
+            ID, "XXH3-128 of the tile's pixel bytes and shape: changes iff the pixels change."
+        ),
         "geometry": Col(object, "Tile footprint, EPSG:4326."),
     },
     ("site_id", "scene_id"),

@@ -17,8 +17,8 @@ only the per-tile statistics, and memory stays bounded by a strip, not the scene
 its task, so there is no lazy array for xarray to describe.
 
 Within a task, the task's own thread reads strips and copies each finished tile out of them, and helper
-threads (``sweep``'s ``threads``) may summarise the tiles meanwhile (GDAL decoding, copies and BLAKE2b
-hashing release the GIL), so one scene can keep two cores busy without splitting it into tasks that would
+threads (``sweep``'s ``threads``) may summarise the tiles meanwhile (GDAL decoding and the large numpy
+copies release the GIL), so one scene can keep two cores busy without splitting it into tasks that would
 decode their shared block rows twice. The caller gives a task helpers only when there are fewer tasks
 than scheduler threads (``tiles.helper_threads``): ``np.bincount`` holds the GIL, so extra summarising
 threads in one process mostly queue for it. Strip and tile arrays are reused within a task.
@@ -38,6 +38,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
+from tasks.memory import keep_freed_memory
 from tasks.store.errors import InputError
 
 # A read covers whole rows of blocks, at least this many rows (striped files have blocks of a few rows).
@@ -161,7 +162,7 @@ def padded(tile: np.ndarray, pad: tuple, fill: float) -> np.ndarray:
 
 class _Buffers:
     """Flat arrays of one capacity, reused: a freed strip or tile comes back here instead of to the
-    allocator (on a Dask worker every large freed block goes back to the OS, see ``tiles._Scratch``);
+    allocator (on a Dask worker every large freed block may go back to the OS, see ``keep_freed_memory``);
     there are never more of them than were in use at once."""
 
     def __init__(self, dtype, capacity: int) -> None:
@@ -262,7 +263,11 @@ def sweep(
     ``TILE_THREADS``; 0: none) summarise finished tiles meanwhile. A file GDAL cannot read raises
     :class:`InputError` naming the file and the pixel window.
     """
-    threads = TILE_THREADS if threads is None else threads
+    with keep_freed_memory():
+        return _sweep(job, summarise, TILE_THREADS if threads is None else threads)
+
+
+def _sweep(job: SceneTiles, summarise: Callable[[np.ndarray, tuple], dict], threads: int) -> list[dict]:
     pl = plan(job)
     out: list = [None] * len(job.windows)
     for k, s in enumerate(pl.first):
