@@ -104,8 +104,14 @@ def test_deployments_carry_the_catalog_schedule_and_the_label_trigger(served, to
     for dep in (nightly, reprocess):  # one run at a time; later runs queue
         assert dep.global_concurrency_limit.limit == 1
         assert dep.concurrency_options.collision_strategy.value == "ENQUEUE"
+    # serve creates the trigger's automation after the deployment it fires: wait for it
+    deadline = time.monotonic() + 60
     with topology.prefect_client() as client:
-        autos = [a for a in client.read_automations() if "ops-region" in a.name]
+        while True:
+            autos = [a for a in client.read_automations() if "ops-region" in a.name]
+            if autos or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
     assert len(autos) == 1
     trigger = autos[0].trigger
     assert trigger.expect == {"labelrefinery.labels.updated"}
