@@ -21,8 +21,7 @@ from tasks.ingest.label_keys import LABELS_STAGE, label_input_keys
 from tasks.ingest.labels import normalise_assignments, validate_labels
 from tasks.ingest.readers import read_table_file, read_vector
 from tasks.ingest.stage import run_ingest
-from tasks.learn.issue_sites import label_attributes
-from tasks.store.artifacts import read_table, write_table
+from tasks.store.artifacts import read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.reuse import (
     SITE_LABELS,
@@ -345,7 +344,7 @@ def test_recorded_label_keys_are_trusted_only_for_the_tables_they_were_made_from
     assert recorded_label_keys(vdir, sites, *paths) == site_label_keys(labels, read_table(paths[1]))
     # the attribute columns alone (label_issues plans its batches from them) read back the same rows
     cols = ["polygon_id", "site_id", "labeller_id", "label"]
-    pd.testing.assert_frame_equal(label_attributes(paths[0]), labels[cols].reset_index(drop=True))
+    pd.testing.assert_frame_equal(read_attributes(paths[0])[cols], labels[cols].reset_index(drop=True))
     # a copy whose labels table was rewritten with one polygon moved: the record no longer applies
     copy = tmp_path / "copy"
     shutil.copytree(vdir, copy)

@@ -12,8 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 import rasterio
 from rasterio.features import rasterize
 
@@ -110,16 +108,6 @@ def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = 
         grid = SiteGrid.from_row(row._asdict())
         out.append(SiteWork(grid, lab_polys, sid in with_ref or len(crowd) >= 2))
     return out
-
-
-def label_attributes(labels_path: str | Path) -> pd.DataFrame:
-    """The ``labels`` rows without their geometries (site, labeller, polygon id, class): what
-    ``build_work`` needs to plan the batches, read without decoding a polygon."""
-    path = Path(labels_path)
-    parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    cols = ["polygon_id", "site_id", "labeller_id", "label"]
-    frames = [pq.read_table(p, columns=cols).to_pandas() for p in parts]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
 def without_geometries(work: list[SiteWork], labels_path: str | Path) -> list[SiteWork]:

@@ -27,7 +27,6 @@ from tasks.learn.issue_reuse import choose_fit, input_keys, previous_site_rows
 from tasks.learn.issue_sites import (
     SiteWork,
     build_work,
-    label_attributes,
     light_batches,
     read_site_probabilities,
     site_arrays,
@@ -43,7 +42,7 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     fit_pixel_cl,
 )
-from tasks.store.artifacts import read_table, write_table
+from tasks.store.artifacts import read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
@@ -250,7 +249,9 @@ def run_label_issues_stage(
     assignments = read_table(a_path)
     # With the sites' label keys recorded, the polygons stay on disk: batches read their own.
     label_keys = recorded_label_keys(version_dir, assignments["site_id"], labels_path, a_path)
-    labels = read_table(labels_path) if label_keys is None else label_attributes(labels_path)
+    labels = None if label_keys is None else read_attributes(labels_path)
+    if labels is None:
+        labels = read_table(labels_path)
     lq_path = version_dir / ds["labeller_quality"].uri
     lq = read_table(lq_path) if lq_path.exists() else None
     refs = catalog.settings.reference_labellers

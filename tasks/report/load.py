@@ -8,15 +8,13 @@ the page can say which artifact is absent instead of failing.
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas.catalog import Catalog
-from tasks.store.artifacts import read_table
+from tasks.store.artifacts import read_attributes, read_table
 
 # Where an artifact lives when the catalog has no entry for it yet (stages land in parallel).
 DEFAULT_URIS = {
@@ -91,7 +89,7 @@ class Artifacts:
         if not self.exists(name):
             return self.table(name)  # None (recorded missing) or the error of a required artifact
         try:
-            df = _read_attributes(self.path(name))
+            df = read_attributes(self.path(name))
         except Exception:  # noqa: BLE001 - let ``table`` record (or raise) what is wrong with it
             return self.table(name)
         if df is None:
@@ -121,39 +119,6 @@ class Artifacts:
         """``<folder artifact>/<site_id>.tif`` when present (consensus rasters, pseudo probabilities)."""
         p = self.path(folder) / f"{site_id}.tif"
         return p if p.is_file() else None
-
-
-def _read_attributes(path: Path) -> pd.DataFrame | None:
-    """A GeoParquet table (file, or folder of parts as ``read_table`` reads it) without its geometry and
-    bounding-box columns; None when it is not GeoParquet."""
-    parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    frames = []
-    for part in parts:
-        meta = pq.read_schema(part).metadata or {}
-        if b"geo" not in meta:
-            return None
-        geo = json.loads(meta[b"geo"])
-        skip = set(geo.get("columns", {})) | {geo.get("primary_column")}
-        for col in geo.get("columns", {}).values():
-            cov = (col.get("covering") or {}).get("bbox") or {}
-            skip |= {v[0] for v in cov.values() if isinstance(v, list) and v}
-        names = [n for n in pq.read_schema(part).names if n not in skip]
-        df = pq.read_table(part, columns=names).to_pandas()
-        if path.is_dir():  # read_table names each part's CRS
-            df["crs"] = _crs_of(geo)
-        frames.append(df)
-    if not frames:
-        return None
-    return pd.concat(frames, ignore_index=True) if path.is_dir() else frames[0]
-
-
-def _crs_of(geo: dict) -> str | None:
-    from pyproj import CRS
-
-    col = geo.get("columns", {}).get(geo.get("primary_column"), {})
-    if "crs" not in col:
-        return "OGC:CRS84"  # GeoParquet: a missing crs means longitude/latitude
-    return None if col["crs"] is None else CRS.from_user_input(col["crs"]).to_string()
 
 
 def scene_paths(catalog: Catalog) -> dict[str, str]:

@@ -6,6 +6,7 @@ The only module that decides how tables become bytes, so every stage writes the 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import geopandas as gpd
@@ -132,3 +133,37 @@ def geo_parts(df: pd.DataFrame) -> dict[str, gpd.GeoDataFrame]:
         crs: gpd.GeoDataFrame(part.drop(columns="crs"), geometry="geometry", crs=crs)
         for crs, part in df.groupby("crs", sort=True)
     }
+
+
+def read_attributes(path: Path) -> pd.DataFrame | None:
+    """A GeoParquet table (file, or folder of parts as ``read_table`` reads it) without its geometry and
+    bounding-box columns, in ``read_table``'s row order: for aggregates and planning, where decoding every
+    polygon would be most of the read. None when it is not GeoParquet."""
+    parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    frames = []
+    for part in parts:
+        meta = pq.read_schema(part).metadata or {}
+        if b"geo" not in meta:
+            return None
+        geo = json.loads(meta[b"geo"])
+        skip = set(geo.get("columns", {})) | {geo.get("primary_column")}
+        for col in geo.get("columns", {}).values():
+            cov = (col.get("covering") or {}).get("bbox") or {}
+            skip |= {v[0] for v in cov.values() if isinstance(v, list) and v}
+        names = [n for n in pq.read_schema(part).names if n not in skip]
+        df = pq.read_table(part, columns=names).to_pandas()
+        if path.is_dir():  # read_table names each part's CRS
+            df["crs"] = _crs_of(geo)
+        frames.append(df)
+    if not frames:
+        return None
+    return pd.concat(frames, ignore_index=True) if path.is_dir() else frames[0]
+
+
+def _crs_of(geo: dict) -> str | None:
+    from pyproj import CRS
+
+    col = geo.get("columns", {}).get(geo.get("primary_column"), {})
+    if "crs" not in col:
+        return "OGC:CRS84"  # GeoParquet: a missing crs means longitude/latitude
+    return None if col["crs"] is None else CRS.from_user_input(col["crs"]).to_string()
