@@ -9,6 +9,7 @@ version's id and time, and every figure and thumbnail byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -25,9 +26,9 @@ import yaml
 from schemas.catalog import load_catalog
 from tasks.consensus.run import run_consensus_stage
 from tasks.ingest.stage import run_ingest
-from tasks.report import run_report_stage
+from tasks.report import plots, run_report_stage
 from tasks.store.artifacts import read_table, write_table
-from tasks.store.reuse import Reuse, read_keys
+from tasks.store.reuse import Reuse, content_key, read_keys, site_label_keys
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("version_id", "created_at")  # name the build, not the data
@@ -148,6 +149,10 @@ def _metrics(vdir: Path) -> dict:
     return {k: v for k, v in m.items() if k not in VOLATILE}
 
 
+def _risks(m: dict) -> dict:
+    return {r["site_id"]: r["mean_risk"] for r in m["consensus"]["sites"] if r.get("role") != "gold"}
+
+
 def _assert_same_report(a: Path, b: Path) -> None:
     assert _metrics(a) == _metrics(b)
     files = sorted(p.relative_to(a / "report") for p in (a / "report").rglob("*") if p.is_file())
@@ -188,11 +193,14 @@ def test_changed_site_recomputes_what_reads_it_and_equals_a_fresh_build(versions
     again = {u for u, (_, where) in keys.items() if where == reused.name}
     assert 0 < res.counts["report_recomputed"] == len(again) < len(keys)
     # the scenes and sites did not change: what reads only them is reused; the edited site's consensus
-    # risk changed, so the risk map is drawn again
+    # risk changed, so the risk map is drawn again when that changed the colour it is painted in
     assert again.isdisjoint({"band_histograms", "figure/bands", "figure/map_coverage", "figure/tile_quality"})
-    assert "figure/map_risk" in again
     edited = versions["edited"]
     m = _metrics(reused)
+    sites = read_table(reused / "sites.parquet")
+    painted = [plots.risk_map_colours(sites, _risks(mm)) for mm in (_metrics(versions["v0"]), m)]
+    assert _risks(m)[edited] != _risks(_metrics(versions["v0"]))[edited]
+    assert ("figure/map_risk" in again) == (content_key(painted[0]) != content_key(painted[1]))
     assert m["changes"]["sites_changed"] == [edited]  # label digests: taken over for every other site
     if edited in {e["site_id"] for e in _metrics(reused)["assets"]["riskiest"]}:
         assert f"thumbs/riskiest/{edited}" in again
@@ -210,3 +218,93 @@ def test_a_changed_scene_recomputes_band_histograms(versions):
     # the file's bytes did not really change: the recomputed histograms are the same data, so their
     # figure (keyed by what it draws) is still taken over
     assert "figure/bands" not in again
+
+
+def _old_kind_copy(versions, name: str, keep_record: bool) -> Path:
+    """A copy of v0 whose metrics.json holds label fingerprints of the kind reports wrote before they
+    recorded one (per-site digests of other content); without ingest's per-site record when not
+    ``keep_record``."""
+    old = versions["v0"].parent / name
+    shutil.copytree(versions["v0"], old)
+    m = json.loads((old / "metrics.json").read_text(encoding="utf-8"))
+    fp = m["fingerprints"]
+    del fp["kind"]
+    fp["site_labels"] = {s: hashlib.blake2b(s.encode(), digest_size=8).hexdigest() for s in fp["site_labels"]}
+    (old / "metrics.json").write_text(json.dumps(m), encoding="utf-8")
+    if not keep_record:
+        (old / "reuse_keys" / "site_labels.parquet").unlink()
+    return old
+
+
+def test_changes_names_exactly_the_edited_site_with_the_pipelines_site_keys(versions):
+    reused, _ = _build(versions, "v1_keys", "v1", True, "prov1")
+    m = _metrics(reused)
+    fp = m["fingerprints"]
+    assert fp["kind"] == "site_label_keys"
+    tables = (read_table(reused / "labels"), read_table(reused / "assignments.parquet"))
+    computed = site_label_keys(*tables)
+    # the keys every stage compares, for every site with a completed assignment or a polygon
+    done = tables[1][tables[1]["status"] == "completed"]
+    labelled = set(done["site_id"].astype(str)) | set(tables[0]["site_id"].astype(str))
+    assert fp["site_labels"] == {s: computed[s] for s in sorted(labelled)}
+    ch = m["changes"]
+    assert ch["sites_changed"] == [versions["edited"]] and ch["n_sites_changed"] == 1
+    assert ch["n_sites_newly_labelled"] == ch["n_sites_no_longer_labelled"] == 0
+    assert "site_labels_note" not in ch
+    # without ingest's record the keys are computed from the tables: the same fingerprints
+    bare = versions["v1"].parent / "v1_keys_bare"
+    shutil.copytree(reused, bare, ignore=shutil.ignore_patterns("report", "metrics.json"))
+    (bare / "reuse_keys" / "site_labels.parquet").unlink()
+    run_report_stage(versions["catalog"], bare, versions["v0"], provenance=versions["prov1"])
+    assert _metrics(bare)["fingerprints"] == fp
+
+
+def _report_after(versions, previous, name):
+    """v1's report rebuilt against ``previous``: (its folder, its ``changes`` section)."""
+    vdir = versions["v1"].parent / name
+    shutil.copytree(versions["v1"], vdir, ignore=shutil.ignore_patterns("report", "metrics.json"))
+    run_report_stage(
+        versions["catalog"], vdir, previous, provenance=versions["prov1"], reuse=Reuse(str(previous))
+    )
+    return vdir, _metrics(vdir)["changes"]
+
+
+def test_previous_fingerprints_of_an_older_kind_use_its_recorded_site_keys(versions):
+    _, ch = _report_after(versions, _old_kind_copy(versions, "v0_old_kind", keep_record=True), "v1_after_old")
+    assert ch["sites_changed"] == [versions["edited"]] and ch["n_sites_newly_labelled"] == 0
+    assert "site_labels_note" not in ch
+
+
+def test_previous_fingerprints_of_an_older_kind_without_a_record_are_not_compared(versions):
+    old = _old_kind_copy(versions, "v0_old_bare", keep_record=False)
+    vdir, ch = _report_after(versions, old, "v1_after_old_bare")
+    assert ch["n_sites_changed"] is None and ch["sites_changed"] == []  # not "every site changed"
+    assert "could not be compared" in ch["site_labels_note"]
+    page = (vdir / "report" / "changes.html").read_text(encoding="utf-8")
+    assert "could not be compared" in page and "labels changed" not in page
+    assert ch["labellers_gone"] == [] and ch["previous_version_id"] == versions["v0"].name
+
+
+def test_risk_map_key_is_the_colours_it_paints(versions, tmp_path):
+    """A site's risk moving within one of the colormap's 256 colours keeps the map's key and its bytes; a
+    move across colours changes both (the key is what is drawn, so a reused map equals a redrawn one)."""
+    sites = read_table(versions["v0"] / "sites.parquet")
+    base = _risks(_metrics(versions["v0"]))
+    vmax = max(0.25, max(base.values()))
+    site = min(base, key=lambda s: (base[s], s))  # the lowest risk: moving it keeps the scale
+    step = vmax / 256  # one colour
+    lo = np.floor(base[site] / step) * step  # the edges of the site's colour
+    cases = {"within": lo + 0.25 * step, "within2": lo + 0.75 * step, "across": lo + 2.5 * step}
+
+    def draw(risk: dict, name: str) -> bytes:
+        (tmp_path / name).mkdir()
+        plots.risk_map(sites, risk, tmp_path / name)
+        return (tmp_path / name / "map_risk.png").read_bytes()
+
+    keys, images = {}, {}
+    for name, value in cases.items():
+        risk = {**base, site: float(value)}
+        keys[name] = content_key(plots.risk_map_colours(sites, risk))
+        images[name] = draw(risk, name)
+    assert keys["within"] == keys["within2"] and images["within"] == images["within2"]
+    assert keys["within"] != keys["across"] and images["within"] != images["across"]

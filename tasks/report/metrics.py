@@ -79,7 +79,7 @@ def _mean(s) -> float | None:
 
 
 def sizes(art: Artifacts) -> dict:
-    sites, tiles, asg = art.table("sites"), art.table("tiles"), art.table("assignments")
+    sites, tiles, asg = art.table("sites"), art.attributes("tiles"), art.table("assignments")
     labels, sc = art.attributes("labels"), art.table("site_consensus")
     cl, items = art.attributes("consensus_labels"), art.table("item_consensus")
     done = asg[asg["status"] == "completed"]
@@ -111,23 +111,6 @@ def labels_section(art: Artifacts, max_rows: int) -> dict:
     done = asg[asg["status"] == "completed"]
     by_class = lab.groupby("label").agg(polygons=("polygon_id", "size"), area_ha=("area_m2", "sum"))
     by_class["area_ha"] /= 1e4
-    rows = []
-    for lid, a in asg.groupby("labeller_id", sort=True):
-        d = a[a["status"] == "completed"]
-        mine = lab[lab["labeller_id"] == lid]
-        rows.append(
-            {
-                "labeller_id": str(lid),
-                "is_reference": bool(a["is_reference"].any()),
-                "assigned": len(a),
-                "completed": len(d),
-                "pending": int((a["status"] == "pending").sum()),
-                "no_fields": int((d["n_polygons"] == 0).sum()),
-                "polygons": len(mine),
-                "by_class": {str(k): int(v) for k, v in mine["label"].value_counts().sort_index().items()},
-                "by_role": {str(k): int(v) for k, v in d["role"].value_counts().sort_index().items()},
-            }
-        )
     by_role = {
         str(r): {
             "sites": int((sites["role"] == r).sum()),
@@ -143,24 +126,13 @@ def labels_section(art: Artifacts, max_rows: int) -> dict:
         area_q = {f"p{q}": num(np.percentile(area, q) / 1e4) for q in (5, 25, 50, 75, 95)}
     else:
         edges, area_q = np.array([1.0, 10.0]), {}
-    none = done[done["n_polygons"] == 0]
-    nofield = []
-    for sid, g in none.groupby("site_id", sort=True):
-        drew = done[(done["site_id"] == sid) & (done["n_polygons"] > 0)]["labeller_id"]
-        nofield.append(
-            {
-                "site_id": str(sid),
-                "role": str(role.get(sid, "")),
-                "said_no_fields": sorted(map(str, g["labeller_id"])),
-                "drew_fields": sorted(map(str, drew)),
-            }
-        )
+    nofield = _no_field_sites(done, dict(zip(sites["site_id"], sites["role"], strict=True)))
     return {
         "by_class": [
             {"label": str(k), "polygons": int(r.polygons), "area_ha": num(r.area_ha)}
             for k, r in by_class.iterrows()
         ],
-        "by_labeller": rows,
+        "by_labeller": _by_labeller(asg, done, lab),
         "by_role": by_role,
         "area_ha_quantiles": area_q,
         "area_m2_hist": histogram(area, edges),
@@ -171,6 +143,73 @@ def labels_section(art: Artifacts, max_rows: int) -> dict:
             "sites": nofield[:max_rows],
         },
     }
+
+
+def _counts(df: pd.DataFrame, by: str, col: str) -> dict:
+    """Per value of ``by``: {value of ``col`` as text: rows}, in sorted order (missing values dropped, as
+    ``value_counts`` does) -- one grouping for all labellers instead of a filter each."""
+    out: dict = {}
+    for (k, v), n in df.groupby([by, col], sort=True).size().items():
+        out.setdefault(k, {})[str(v)] = int(n)
+    return out
+
+
+def _by_labeller(asg: pd.DataFrame, done: pd.DataFrame, lab: pd.DataFrame) -> list[dict]:
+    """Per labeller (sorted): assignments by status, polygons, polygons by class, completed by role."""
+    flags = pd.DataFrame(
+        {
+            "labeller_id": asg["labeller_id"],
+            "is_reference": asg["is_reference"],
+            "completed": asg["status"] == "completed",
+            "pending": asg["status"] == "pending",
+            "no_fields": (asg["status"] == "completed") & (asg["n_polygons"] == 0),
+        }
+    )
+    per = flags.groupby("labeller_id", sort=True).agg(
+        is_reference=("is_reference", "any"),
+        assigned=("completed", "size"),
+        completed=("completed", "sum"),
+        pending=("pending", "sum"),
+        no_fields=("no_fields", "sum"),
+    )
+    polygons = lab.groupby("labeller_id").size()
+    by_class, by_role = _counts(lab, "labeller_id", "label"), _counts(done, "labeller_id", "role")
+    return [
+        {
+            "labeller_id": str(lid),
+            "is_reference": bool(r.is_reference),
+            "assigned": int(r.assigned),
+            "completed": int(r.completed),
+            "pending": int(r.pending),
+            "no_fields": int(r.no_fields),
+            "polygons": int(polygons.get(lid, 0)),
+            "by_class": by_class.get(lid, {}),
+            "by_role": by_role.get(lid, {}),
+        }
+        for lid, r in zip(per.index, per.itertuples(), strict=True)
+    ]
+
+
+def _no_field_sites(done: pd.DataFrame, role: dict) -> list[dict]:
+    """Sites where a labeller said "no fields here" (completed with no polygon), by site id, with who
+    said so and who drew fields there; one pass over the completed assignments."""
+    said: dict = {}
+    drew: dict = {}
+    n_poly = done["n_polygons"].to_numpy()
+    for sid, lid, n in zip(done["site_id"].tolist(), done["labeller_id"].tolist(), n_poly, strict=True):
+        if n == 0:
+            said.setdefault(sid, []).append(str(lid))
+        elif n > 0:
+            drew.setdefault(sid, []).append(str(lid))
+    return [
+        {
+            "site_id": str(sid),
+            "role": str(role.get(sid, "")),
+            "said_no_fields": sorted(said[sid]),
+            "drew_fields": sorted(drew.get(sid, [])),
+        }
+        for sid in sorted(said)
+    ]
 
 
 def quality_section(art: Artifacts, consensus_settings: dict) -> dict:
@@ -302,7 +341,7 @@ def consensus_section(art: Artifacts, settings: ReportSettings) -> dict:
 
 
 def imagery_tables(art: Artifacts) -> dict:
-    tiles = art.table("tiles")
+    tiles = art.attributes("tiles")
     cols = ["nodata_fraction", "cloud_fraction", "valid_fraction"]
     per_scene = tiles.groupby("scene_id", sort=True).agg(
         tiles=("site_id", "size"),

@@ -226,6 +226,23 @@ def changes(m: dict) -> list[dict]:
         more = f" … and {n - len(v)} more" if n > len(v) else ""
         return (", ".join(v) + more) if v else "none"
 
+    note = ch.get("site_labels_note")  # the previous version's label fingerprints were of another kind
+    site_items = (
+        []
+        if note
+        else [
+            (f"labels changed ({ch['n_sites_changed']})", ids("sites_changed", "n_sites_changed")),
+            (
+                f"newly labelled ({ch['n_sites_newly_labelled']})",
+                ids("sites_newly_labelled", "n_sites_newly_labelled"),
+            ),
+            (
+                f"no longer labelled ({ch['n_sites_no_longer_labelled']})",
+                ids("sites_no_longer_labelled", "n_sites_no_longer_labelled"),
+            ),
+        ]
+    )
+    site_items += [("sites added", ids("sites_added")), ("sites removed", ids("sites_removed"))]
     return [
         para(
             f"Compared with version {ch['previous_version_id']} "
@@ -234,22 +251,8 @@ def changes(m: dict) -> list[dict]:
         h2("Headline metrics"),
         table(["metric", "previous", "this version", "change"], rows),
         h2("Sites"),
-        {
-            "kind": "kv",
-            "items": [
-                (f"labels changed ({ch['n_sites_changed']})", ids("sites_changed", "n_sites_changed")),
-                (
-                    f"newly labelled ({ch['n_sites_newly_labelled']})",
-                    ids("sites_newly_labelled", "n_sites_newly_labelled"),
-                ),
-                (
-                    f"no longer labelled ({ch['n_sites_no_longer_labelled']})",
-                    ids("sites_no_longer_labelled", "n_sites_no_longer_labelled"),
-                ),
-                ("sites added", ids("sites_added")),
-                ("sites removed", ids("sites_removed")),
-            ],
-        },
+        *([para(note)] if note else []),
+        {"kind": "kv", "items": site_items},
         h2("Labellers"),
         {"kind": "kv", "items": [("added", ids("labellers_added")), ("gone", ids("labellers_gone"))]},
     ]

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 STYLE = {
@@ -105,9 +107,9 @@ def risk_map(sites, risk: dict[str, float], out: Path) -> str | None:
         scored.plot(
             ax=ax,
             column="risk",
-            cmap="magma_r",
+            cmap=RISK_CMAP,
             vmin=0,
-            vmax=max(0.25, float(v.max())),
+            vmax=_risk_vmax(v),
             edgecolor="#111827",
             linewidth=0.3,
             legend=True,
@@ -116,6 +118,29 @@ def risk_map(sites, risk: dict[str, float], out: Path) -> str | None:
     _lonlat_aspect(ax, sites)
     ax.set_title("grey: no consensus (unlabelled) or gold")
     return save(fig, out, "map_risk.png")
+
+
+RISK_CMAP = "magma_r"
+
+
+def _risk_vmax(v) -> float:
+    return max(0.25, float(v.max()))
+
+
+def risk_map_colours(sites, risk: dict[str, float]) -> list:
+    """What ``risk_map`` paints, as its figure's key: per site whether it is scored and its colour (the
+    colormap has 256 entries, so most changes of a site's risk leave the picture as it was), the colour
+    scale and whether it extends below 0. Geopandas colours the polygons with the collection's own
+    ``to_rgba``, which is what this calls; a non-numeric risk column keys the values themselves."""
+    v = sites["site_id"].map(risk)
+    scored = v.notna().to_numpy()
+    if not scored.any():
+        return [scored]
+    if v.dtype.kind != "f":  # geopandas would draw it as categories
+        return [scored, str(v.dtype), [str(x) for x in v]]
+    vals, vmax = v.to_numpy()[scored], _risk_vmax(v)
+    mappable = ScalarMappable(norm=Normalize(vmin=0, vmax=vmax), cmap=RISK_CMAP)
+    return [scored, vmax, np.asarray(mappable.to_rgba(vals), dtype=float), bool((vals < 0).any())]
 
 
 @drawn

@@ -71,7 +71,7 @@ def sample_patches(art: Artifacts, scenes: dict[str, str], s: ReportSettings, vi
     ``visited`` (a list) receives the sites read, in order: the only sites whose rasters the result
     depends on (the report's reuse key names their consensus rasters)."""
     visited = [] if visited is None else visited
-    sites, tiles = art.table("sites"), art.table("tiles")
+    sites, tiles = art.table("sites"), art.attributes("tiles")
     if not len(sites) or not scenes:
         return np.zeros((0, 0), np.float32), np.zeros(0, int)
     n_bands = len(tiles["band_names"].iloc[0])

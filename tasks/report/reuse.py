@@ -68,10 +68,15 @@ class ReportReuse:
         else the file's content hash; 'absent' without a file."""
         if path is None or not Path(path).is_file():
             return "absent"
+        return self.upstream_key(stage, unit) or "file:" + file_hash(path)
+
+    def upstream_key(self, stage: str, unit: str) -> str | None:
+        """``stage``'s key of ``unit`` in this version (None when it recorded none): what that stage wrote
+        for the unit is a function of it."""
         if stage not in self._upstream:
             self._upstream[stage] = read_keys(self.version_dir, stage)
         rec = self._upstream[stage].get(unit)
-        return f"key:{stage}:{rec[0]}" if rec is not None else "file:" + file_hash(path)
+        return f"key:{stage}:{rec[0]}" if rec is not None else None
 
     # -------------------------------------------------------------------------------------- files
     def link(self, rel_paths: Iterable[str], out_root: Path) -> bool:

@@ -160,7 +160,8 @@ def run_report_stage(
     m["properties"] = _properties(art, scenes, s, m["consensus"], rr)
     t["properties"] = time.perf_counter() - t1
     prev = previous_metrics(catalog, previous_version_dir, s, notes)
-    m["changes"] = changes(m, prev, s.max_table_rows)
+    prev_art = Artifacts(catalog, previous_version_dir) if previous_version_dir is not None else None
+    m["changes"] = changes(m, prev, s.max_table_rows, prev_art)
     m["provenance"] = provenance
     m["missing_artifacts"] = sorted(set(art.missing))
     m["alerts"] = alerts(m, prev, s, art.missing)
@@ -222,7 +223,10 @@ def _figures(art: Artifacts, m: dict, scenes: dict, out: Path, rr: ReportReuse) 
             lambda: plots.coverage_map(foot, sites, out),
             [[(sid, g.wkb) for sid, g in foot], geo, crs],
         ),
-        "map_risk": (lambda: plots.risk_map(sites, risk, out), [geo, crs, risk]),
+        "map_risk": (
+            lambda: plots.risk_map(sites, risk, out),
+            [geo, crs, plots.risk_map_colours(sites, risk)],
+        ),
         "bands": (
             lambda: plots.band_histograms(m["imagery"]["band_histograms"], out),
             m["imagery"]["band_histograms"],
@@ -302,7 +306,7 @@ def _properties(art: Artifacts, scenes: dict, s: ReportSettings, consensus: dict
     """The properties section; its patch sample is reused when it would read the same pixels: same sites
     (grids, order), band ranges, scene files and settings, and the same consensus rasters of the sites
     the previous sample visited (with those inputs unchanged, this sample visits the same sites)."""
-    sites, tiles = art.table("sites"), art.table("tiles")
+    sites, tiles = art.table("sites"), art.attributes("tiles")
     scene_part = rr.scenes_key(scenes)
     x_key = None
     if scene_part is not None:
