@@ -147,6 +147,12 @@ def test_label_change_recomputes_only_affected_sites_and_equals_a_full_recompute
     assert inc.counts["label_issues_stats_recomputed"] == len(affected)
     assert full.counts["label_issues_recomputed"] == full.counts["label_issues_units"]
     _assert_same(_tables(vinc), _tables(vfull))
+    # unaffected sites' issue rows are carried with their geometry as written (WKB, never decoded): the
+    # files are byte for byte the full recompute's (same process, so the same PROJ database)
+    full_parts = sorted(p.name for p in (vfull / "label_issues").glob("*.parquet"))
+    assert full_parts and full_parts == sorted(p.name for p in (vinc / "label_issues").glob("*.parquet"))
+    for name in full_parts:
+        assert (vinc / "label_issues" / name).read_bytes() == (vfull / "label_issues" / name).read_bytes()
     # label_issue_stats: a part of unaffected sites is the previous version's file, hard-linked; a part
     # holding an affected site is written anew
     parts = sorted((vinc / "label_issue_stats").glob("part-*.parquet"))
@@ -232,6 +238,30 @@ def test_missing_upstream_keys_and_changed_parameters_recompute(v1, demo_root):
     vdir = _base(prev, v1["root"] / "versions" / "d_params")
     res = run_label_issues_stage(changed, vdir, Reuse(str(prev), refit=False))
     assert res.counts["label_issues_reused"] == 0 and res.counts["label_issues_stats_recomputed"] > 0
+
+
+def test_previous_rows_missing_or_not_carriable_are_recomputed_or_decoded(v1):
+    """A site whose rows the previous version lacks is recomputed (after the others were computed); a
+    previous label_issues part that cannot be copied as written (no bbox covering) is read decoded. Either
+    way the tables equal the previous version's (same inputs)."""
+    prev, catalog = v1["vdir"], v1["catalog"]
+    ai = read_table(prev / "assignment_issues.parquet")
+    site = sorted(set(read_keys(prev, "label_issues")) - {EDITED})[1]
+    lacking = v1["root"] / "versions" / "f_lacking"
+    shutil.copytree(prev, lacking)
+    one = ai.index[ai["site_id"] == site][:1]
+    write_table("assignment_issues", ai.drop(one), lacking / "assignment_issues.parquet")
+    nobbox = v1["root"] / "versions" / "f_nobbox"
+    shutil.copytree(prev, nobbox)
+    for part in sorted((nobbox / "label_issues").glob("*.parquet")):
+        gdf = gpd.read_parquet(part)
+        part.unlink()
+        gdf.to_parquet(part, index=False, schema_version="1.1.0")
+    for previous, recomputed in ((lacking, {site}), (nobbox, set())):
+        vdir = _base(prev, v1["root"] / "versions" / f"g_{previous.name}")
+        res = run_label_issues_stage(catalog, vdir, Reuse(str(previous), refit=False))
+        assert res.counts["label_issues_recomputed"] == len(recomputed) and _computed_here(vdir) == recomputed
+        _assert_same(_tables(vdir), _tables(prev))
 
 
 def test_fit_is_carried_only_within_carry_close():

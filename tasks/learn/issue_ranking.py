@@ -101,14 +101,17 @@ def score_tables(
     return li.reset_index(drop=True), ai
 
 
-def rank_frames(li: pd.DataFrame, ai: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def rank_frames(
+    li: pd.DataFrame, ai: pd.DataFrame, keep: Sequence[str] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ranks over the whole dataset (ties broken by the unique ids, so the order is total) and assignment
-    totals, from ``score_tables`` frames (``rank`` / ``issue_score`` columns, if any, are recomputed)."""
+    totals, from ``score_tables`` frames (``rank`` / ``issue_score`` columns, if any, are recomputed).
+    ``keep``: further columns of ``li`` to carry along (after the table's)."""
     li = li.drop(columns="rank", errors="ignore")
     li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
     li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
     floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
-    li = li[ISSUE_COLUMNS].astype(floats | {"n_pixels": np.int64})
+    li = li[[*ISSUE_COLUMNS, *keep]].astype(floats | {"n_pixels": np.int64})
     ai = ai.drop(columns=["rank", "issue_score"], errors="ignore")
     totals = li.groupby(["site_id", "labeller_id"])["score"].sum().rename("issue_score").reset_index()
     ai = ai.merge(totals, on=["site_id", "labeller_id"], how="left").fillna({"issue_score": 0.0})

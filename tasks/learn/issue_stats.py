@@ -49,23 +49,25 @@ def _parts(folder: Path | None) -> list[Path]:
     return sorted(folder.glob("part-*.parquet")) if folder is not None and folder.is_dir() else []
 
 
-def read_rows(folder: Path | None, unit_ids: Iterable[str]) -> dict[str, Row]:
-    """unit_id -> (key, n_bins, cells, counts) of the given units (row filters: other parts are skipped)."""
-    ids = sorted(set(unit_ids))
-    if folder is None or not ids:
+def read_rows(paths: Iterable[Path], unit_ids: Iterable[str] | None = None) -> dict[str, Row]:
+    """unit_id -> (key, n_bins, cells, counts) of the given units (row filters), or of every unit, in the
+    given files."""
+    ids = None if unit_ids is None else sorted(set(unit_ids))
+    if ids is not None and not ids:
         return {}
     out = {}
-    for path in [*_parts(folder), folder / POOLED_PART]:
+    for path in paths:
         if not path.is_file():
             continue
-        for r in pq.read_table(path, filters=[("unit_id", "in", ids)]).to_pylist():
+        rows = pq.read_table(path, filters=None if ids is None else [("unit_id", "in", ids)]).to_pylist()
+        for r in rows:
             out[r["unit_id"]] = (r["key"], int(r["n_bins"]), bytes(r["cells"]), bytes(r["counts"]))
     return out
 
 
 @dataclass
 class PreviousStats:
-    """What the previous version's folder says: each site's (input key, n_bins), read without the
+    """What the previous version's folder says: each site's (input key, n_bins) and part, read without the
     histograms, and its ``*`` and ``+`` rows."""
 
     folder: Path | None = None
@@ -73,20 +75,35 @@ class PreviousStats:
     index: dict[str, tuple[str, int]] = field(default_factory=dict)
     pooled: Row | None = None
     total: Row | None = None
+    where: dict[str, Path] = field(default_factory=dict)  # site -> the part file holding its row
+    _read: dict[Path, dict[str, Row]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, reuse: Reuse, uri: str) -> PreviousStats:
         if reuse.previous is None or not (reuse.previous / uri).is_dir():
             return cls()
         folder = reuse.previous / uri
-        index = {}
+        index, where = {}, {}
         if reuse.enabled:
             for path in _parts(folder):
                 t = pq.read_table(path, columns=["unit_id", "key", "n_bins"])
                 pairs = zip(t["key"].to_pylist(), t["n_bins"].to_pylist(), strict=True)
-                index.update(zip(t["unit_id"].to_pylist(), pairs, strict=True))
-        pooled = read_rows(folder, [POOLED, TOTAL])
-        return cls(folder, reuse.previous, index, pooled.get(POOLED), pooled.get(TOTAL))
+                units = t["unit_id"].to_pylist()
+                index.update(zip(units, pairs, strict=True))
+                where.update(dict.fromkeys(units, path))
+        pooled = read_rows([folder / POOLED_PART], [POOLED, TOTAL])
+        return cls(folder, reuse.previous, index, pooled.get(POOLED), pooled.get(TOTAL), where)
+
+    def rows(self, unit_ids: Iterable[str]) -> dict[str, Row]:
+        """Stored rows of the given sites, each part that holds one read once (a part a reprocess rewrites
+        serves both the sites that left the sum and the ones the new part keeps)."""
+        ids = set(unit_ids)
+        out = {}
+        for path in sorted({self.where[s] for s in ids if s in self.where}):
+            if path not in self._read:
+                self._read[path] = read_rows([path])
+            out.update((s, r) for s, r in self._read[path].items() if s in ids)
+        return out
 
     def reusable(self, inputs: Mapping[str, str], n_bins: int) -> set[str]:
         """Sites whose histogram is stored under the same input key and number of bins."""
@@ -99,10 +116,9 @@ class PreviousStats:
             return fresh
         left = [s for s in self.index if s not in kept]
         if self.total is not None and self.total[1] == n_bins and len(left) < len(kept):
-            gone = read_rows(self.folder, left)
             stored = PixelStats.decode(n_bins, self.total[2], self.total[3])
-            return PixelStats(stored.hist - sum_encoded(n_bins, _hists(gone)).hist + fresh.hist)
-        return sum_encoded(n_bins, _hists(read_rows(self.folder, kept))) + fresh
+            return PixelStats(stored.hist - sum_encoded(n_bins, _hists(self.rows(left))).hist + fresh.hist)
+        return sum_encoded(n_bins, _hists(self.rows(kept))) + fresh
 
 
 def _hists(rows: Mapping[str, Row]) -> list[Hist]:
@@ -138,7 +154,7 @@ def write_stats(
     ]
     linked = {n for n, chunk in zip(names, chunks, strict=True) if _linkable(prev, n, chunk, fresh)}
     rewritten = [s for n, c in zip(names, chunks, strict=True) if n not in linked for s in c]
-    old = read_rows(prev.folder, [s for s in rewritten if s not in fresh])
+    old = prev.rows(s for s in rewritten if s not in fresh)
     rows = 0
     for name, chunk in zip(names, chunks, strict=True):
         rows += len(chunk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -42,7 +43,7 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     fit_pixel_cl,
 )
-from tasks.store.artifacts import read_attributes, read_table, write_table
+from tasks.store.artifacts import CARRIED, read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
@@ -237,7 +238,9 @@ def run_label_issues_stage(
     when its input key (consensus and probability rasters, labels, parameters, code) is unchanged; the fit
     is redone from the pooled histogram (or, without refit, the previous one is carried while the refit
     moves by at most ``carry_close``); a site's issue rows are taken over when its unit key (inputs, the
-    fit in use, its labellers' gold records) is unchanged; ranks are recomputed over all rows.
+    fit in use, its labellers' gold records) is unchanged; ranks are recomputed over all rows. Taken-over
+    issue rows keep their geometry as written (``read_carried``: never decoded and encoded again), and
+    ``write_table`` validates only their new ranks (the rest was validated when written).
     """
     version_dir = Path(version_dir)
     reuse = reuse if reuse is not None else Reuse()
@@ -315,16 +318,23 @@ def run_label_issues_stage(
     }
     reused = reuse.reusable(STAGE, keys)
     li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
-    old_li, old_ai, reused = previous_site_rows(reuse, li_uri, ai_uri, scored, reused)
-    changed = [w for w in scored if w.site_id not in reused]
-    issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
+    # the previous rows are read while the changed sites are computed; a site whose rows turn out to be
+    # missing there is computed after
+    with ThreadPoolExecutor(1) as pool:
+        previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
+        changed = [w for w in scored if w.site_id not in reused]
+        issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
+        old_li, old_ai, kept_geoms, reused = previous.result()
+    done = {w.site_id for w in changed}
+    if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
+        extra = collect_issues(light_batches(_batches(more, size), labels_path), model, params)
+        issues, summaries = issues + extra[0], summaries + extra[1]
     li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
+    li[CARRIED] = -1  # fresh rows; taken-over ones point at their geometry as written (write_table)
     if old_li is not None:
-        crs = {w.site_id: w.grid.crs for w in work}
-        old_li = old_li.assign(crs=old_li["site_id"].map(crs))
         li = pd.concat([li, old_li[li.columns]], ignore_index=True) if len(old_li) else li
         ai = pd.concat([ai, old_ai[ai.columns]], ignore_index=True) if len(old_ai) else ai
-    li, ai = rank_frames(li, ai)
+    li, ai = rank_frames(li, ai, keep=[CARRIED])
     timings["issues"] = time.perf_counter() - t3
 
     t4 = time.perf_counter()
@@ -338,10 +348,11 @@ def run_label_issues_stage(
         odd = sorted(set(labels["label"].dropna().astype(str)) - known)
         if odd:
             notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
-    artifacts = {
-        "label_issues": write_table("label_issues", li, version_dir / li_uri),
-        "assignment_issues": write_table("assignment_issues", ai, version_dir / ai_uri),
-        "label_issue_stats": write_stats(
+    # the big table's write (mostly Parquet encoding, which frees the GIL) overlaps the others'
+    with ThreadPoolExecutor(1) as pool:
+        li_done = pool.submit(write_table, "label_issues", li, version_dir / li_uri, kept_geoms, ["rank"])
+        ai_record = write_table("assignment_issues", ai, version_dir / ai_uri)
+        stats_record = write_stats(
             version_dir / stats_uri,
             stats_uri,
             scored_inputs,
@@ -351,9 +362,13 @@ def run_label_issues_stage(
             total,
             params.n_bins,
             params.stats_part_sites,
-        ),
-        f"reuse_keys/{STAGE}": write_keys(version_dir, STAGE, keys, reused, reuse),
-    }
+        )
+        artifacts = {
+            "label_issues": li_done.result(),
+            "assignment_issues": ai_record,
+            "label_issue_stats": stats_record,
+        }
+    artifacts[f"reuse_keys/{STAGE}"] = write_keys(version_dir, STAGE, keys, reused, reuse)
     timings["write"] = time.perf_counter() - t4
     counts = {
         "label_issues": len(li),

@@ -10,7 +10,6 @@ batch of ``STREAM_ROWS`` at a time, so the working set is bounded by that, not b
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from geopandas.io.arrow import _arrow_to_geopandas
+
+from tasks.store.geoparquet import covering_columns, geo_frame, geo_metadata
 
 STREAM_ROWS = 8192
 
@@ -42,12 +42,7 @@ def _row_groups(pf: pq.ParquetFile, ids: list[str]) -> list[int]:
 def _batch_rows(part: Path, site_ids: list[str]) -> pa.Table:
     """The rows of ``part`` whose ``site_id`` is in ``site_ids``, read one record batch at a time."""
     pf = pq.ParquetFile(part)
-    geo = json.loads((pf.schema_arrow.metadata or {}).get(b"geo", b"{}"))
-    covering = {  # GeoParquet 1.1 bbox columns: gpd.read_parquet leaves them out too
-        spec["xmin"][0]
-        for col in geo.get("columns", {}).values()
-        for spec in col.get("covering", {}).values()
-    }
+    covering = covering_columns(geo_metadata(pf.schema_arrow))  # gpd.read_parquet leaves them out too
     columns = [n for n in pf.schema_arrow.names if n not in covering]
     schema = pa.schema([pf.schema_arrow.field(n) for n in columns], metadata=pf.schema_arrow.metadata)
     value_set = pa.array(site_ids, type=pa.string()).cast(schema.field("site_id").type)
@@ -68,9 +63,13 @@ def read_site_rows(path: str | Path, site_ids: Iterable[str]) -> pd.DataFrame:
     """Rows of a native-CRS table folder (``read_table`` layout: shapely geometries, a ``crs`` column)
     belonging to ``site_ids``; equal to ``read_table(path, filters=[("site_id", "in", ...)])``."""
     ids = sorted({str(s) for s in site_ids})
+    parts = sorted(Path(path).glob("*.parquet"))
+    # a part whose row-group statistics cannot hold one of the sites costs a footer read, not a conversion
+    # (a folder of many parts of a few sites each); the first part gives an empty result its columns
+    holding = [part for part in parts if _row_groups(pq.ParquetFile(part), ids)]
     frames = []
-    for part in sorted(Path(path).glob("*.parquet")):
-        gdf = _arrow_to_geopandas(_batch_rows(part, ids))
+    for part in holding or parts[:1]:
+        gdf = geo_frame(_batch_rows(part, ids))
         df = pd.DataFrame(gdf)
         df[gdf.geometry.name] = pd.Series(gdf.geometry.to_numpy(), index=df.index, dtype=object)
         df["crs"] = gdf.crs.to_string() if gdf.crs is not None else None

@@ -1,0 +1,52 @@
+"""Our GeoParquet reader builds the frame geopandas builds, with each CRS parsed once per process."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import pyarrow.parquet as pq
+import pytest
+import shapely
+
+from tasks.store.geoparquet import geo_frame, parsed_crs, read_geoparquet
+
+
+def _frame(crs, n=50):
+    return gpd.GeoDataFrame(
+        {
+            "site_id": [f"S{i % 7:05d}" for i in range(n)],
+            "n": range(n),
+            "label": [None if i % 5 == 0 else "crop" for i in range(n)],
+        },
+        geometry=[shapely.box(i, i, i + 1.5, i + 2) for i in range(n)],
+        crs=crs,
+    )
+
+
+@pytest.mark.parametrize("crs", ["EPSG:32630", "EPSG:4326", None])
+@pytest.mark.parametrize("covering", [True, False])
+def test_read_equals_geopandas(tmp_path, crs, covering):
+    path = tmp_path / "t.parquet"
+    _frame(crs).to_parquet(path, schema_version="1.1.0", write_covering_bbox=covering, index=False)
+    cases = [{}, {"filters": [("site_id", "in", ["S00001", "S00003"])]}, {"columns": ["n", "geometry"]}]
+    for kw in cases:
+        ours, theirs = read_geoparquet(path, **kw), gpd.read_parquet(path, **kw)
+        assert list(ours.columns) == list(theirs.columns) and "bbox" not in ours
+        assert ours.equals(theirs) and (ours.dtypes == theirs.dtypes).all()
+        assert ours.crs == theirs.crs and ours.geometry.name == theirs.geometry.name
+    with pytest.raises(ValueError, match="No geometry columns"):
+        read_geoparquet(path, columns=["n"])
+
+
+def test_missing_crs_means_crs84_and_one_object_per_crs(tmp_path):
+    path = tmp_path / "t.parquet"
+    _frame("EPSG:4326").to_parquet(path, schema_version="1.1.0", index=False)
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    del geo["columns"]["geometry"]["crs"]
+    bare = table.replace_schema_metadata({**table.schema.metadata, b"geo": json.dumps(geo).encode()})
+    assert geo_frame(bare).crs == gpd.read_parquet(path).crs.__class__.from_user_input("OGC:CRS84")
+    crs = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]["crs"]
+    assert parsed_crs(crs) is parsed_crs(json.loads(json.dumps(crs))) and parsed_crs(None) is None
+    assert read_geoparquet(path).crs is read_geoparquet(path).crs
