@@ -23,7 +23,8 @@ def render() -> str:
     for spec in TABLES.values():
         geo = ""
         if spec.geometry:
-            geo = f" GeoParquet 1.1, geometry in {spec.geometry_crs or 'the native CRS (one part per CRS)'}."
+            where = spec.geometry_crs or "the native CRS (a folder of parts, each of one CRS)"
+            geo = f" GeoParquet 1.1, geometry in {where}."
         out.append(f"\n#### `{spec.name}`\n{spec.description}{geo} Key: {', '.join(spec.primary_key)}.\n")
         out.append("| column | type | meaning |\n|---|---|---|")
         out += [f"| `{name}` | {_dtype(c)} | {_cell(c.description)} |" for name, c in spec.columns.items()]

@@ -135,7 +135,8 @@ def test_every_artifact_is_written_and_validates(demo):
     _validate_all(tables)
     for name in ("sites", "tiles"):
         assert tables[name].crs.to_epsg() == 4326
-    assert [p.name for p in (demo["out"] / "labels").iterdir()] == ["part-EPSG_32630.parquet"]
+    parts = sorted(p.name for p in (demo["out"] / "labels").iterdir())  # parts of sites, one CRS here
+    assert parts and all(n.startswith("part-EPSG_32630-") and n.endswith(".parquet") for n in parts)
     assert {i["dataset"] for i in result.inputs} == {
         "imagery",
         "input_sites",

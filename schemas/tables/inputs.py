@@ -63,7 +63,9 @@ TILES = TableSpec(
 
 LABELS = TableSpec(
     "labels",
-    "Normalised label polygons, clipped to their site, in the site's native CRS (one part per CRS).",
+    "Normalised label polygons, clipped to their site, in the site's native CRS; in parts of 64 "
+    "sites per CRS (`part-<CRS>-<n>-<key>.parquet`, named by their sites' keys so versions share "
+    "unchanged parts).",
     {
         "polygon_id": _ids("Stable id: site_id/labeller_id/ordinal within the assignment."),
         "site_id": _ids("Site identifier."),

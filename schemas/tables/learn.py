@@ -13,7 +13,7 @@ ISSUE_KINDS = (
 LABEL_ISSUES = TableSpec(
     "label_issues",
     "Pixel confident-learning issues of crowd assignments as regions, ranked over the dataset "
-    "(docs/label_issues.md); native CRS, one part per CRS.",
+    "(docs/label_issues.md); native CRS, one part per CRS (ranks are global: every reprocess rewrites it).",
     {
         "issue_id": _ids("site_id/labeller_id/ordinal within the assignment."),
         "site_id": _ids("Site."),
@@ -98,7 +98,9 @@ LABEL_ISSUE_STATS = TableSpec(
 PSEUDO_LABELS = TableSpec(
     "pseudo_labels",
     "Model field polygons on unlabelled sites (and second opinions on single-labeller sites), with "
-    "confidence and whether they pass their class threshold (docs/learn.md); native CRS, one part per CRS.",
+    "confidence and whether they pass their class threshold (docs/learn.md); native CRS, in parts of "
+    "64 sites per CRS named by their sites' keys and the thresholds (unchanged parts are shared "
+    "between versions).",
     {
         "polygon_id": _ids("site_id-p<ordinal>."),
         "site_id": _ids("Site."),

@@ -20,7 +20,13 @@ from tasks.store.reuse import code_key, content_key
 
 LABELS_STAGE = "ingest_labels"  # reuse_keys/<this>.parquet: per site, the key of its raw label inputs
 # The code a site's normalised labels depend on: reading, checks, geometry work, assembly (not imagery).
-LABEL_CODE = ("tasks.ingest.labels", "tasks.ingest.label_keys", "tasks.ingest.readers", "tasks.ingest.stage")
+LABEL_CODE = (
+    "tasks.ingest.labels",
+    "tasks.ingest.label_keys",
+    "tasks.ingest.label_parts",
+    "tasks.ingest.readers",
+    "tasks.ingest.stage",
+)
 
 
 def label_input_keys(
@@ -103,17 +109,25 @@ def _label_row_keys(labels: gpd.GeoDataFrame) -> dict[str, str]:
     who = labels["labeller_id"].to_numpy(dtype=object)[order]
     label = labels["label"].to_numpy(dtype=object)[order]
     wkb = shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object)[order], byte_order=1)
-    out: dict[str, str] = {}
-    h, current = None, None
-    for s, w, c, b in zip(sites, who, label, wkb, strict=True):
-        if s != current:
-            if h is not None:
-                out[current] = h.hexdigest()
-            h, current = hashlib.blake2b(digest_size=16), s
-        wb = w.encode()
-        h.update(b"%d:" % len(wb) + wb + _class_bytes(c) + b"%d:" % len(b) + b)
-    out[current] = h.hexdigest()
-    return out
+    # Each row's bytes, labeller and class prefixes made once per distinct value (few); then one digest
+    # per site over its rows' bytes joined (the same digest as updating row by row).
+    prefixes: dict = {}
+    rows = []
+    for w, c, b in zip(who, label, wkb, strict=True):
+        key = (w, c) if c is None or isinstance(c, str) else None
+        p = prefixes.get(key) if key is not None else None
+        if p is None:
+            wb = w.encode()
+            p = b"%d:" % len(wb) + wb + _class_bytes(c)
+            if key is not None:
+                prefixes[key] = p
+        rows.append(p + b"%d:" % len(b) + b)
+    starts = np.flatnonzero(np.r_[True, sites[1:] != sites[:-1]]).tolist()
+    ends = [*starts[1:], len(rows)]
+    return {
+        sites[i]: hashlib.blake2b(b"".join(rows[i:j]), digest_size=16).hexdigest()
+        for i, j in zip(starts, ends, strict=True)
+    }
 
 
 def _class_bytes(value) -> bytes:

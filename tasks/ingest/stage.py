@@ -19,9 +19,8 @@ from shapely.geometry import box
 from schemas.catalog import Catalog
 from tasks.ingest.imagery import Scene, find_scenes, open_scene, site_windows
 from tasks.ingest.label_keys import LABELS_STAGE
+from tasks.ingest.label_parts import PreparedLabels, prepare_labels
 from tasks.ingest.labels import (
-    LABEL_COLUMNS,
-    LabelInputs,
     _grid_bounds,
     normalise_item_labels,
     normalise_sites,
@@ -46,6 +45,7 @@ from tasks.store.reuse import (
     site_label_keys,
     write_keys,
 )
+from tasks.store.site_rows import read_site_rows
 from tasks.store.stage_result import StageResult
 
 
@@ -74,7 +74,9 @@ def run_ingest(
     that version's ``tiles`` table instead of reading pixels, and a site whose raw label inputs' key
     (``label_input_keys``: its label rows, assignments and grid) equals the previous version's takes its
     normalised ``labels`` rows from there instead of repairing, reprojecting and clipping its polygons
-    again. Every whole-table check of the label inputs runs either way, and assignments, sites and item
+    again. ``labels`` is kept in parts of sites named by their raw keys (``tasks.ingest.label_parts``):
+    a part whose sites are all unchanged is the previous version's file, hard-linked, neither read nor
+    written. Every whole-table check of the label inputs runs either way, and assignments, sites and item
     labels are always normalised afresh (cheap). Every table is written sorted by its primary key.
     """
     hashes = HashCache.for_root(catalog.root_path)
@@ -129,11 +131,12 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     inputs.append(_input_record("input_assignments", label_inputs.assignments_path, hashes))
     inputs.append(_input_record("input_labels", label_inputs.labels_path, hashes))
     label_keys = label_inputs.keys
-    labels, reused_label_sites = _labels(label_inputs, grids, reuse, ds["labels"].uri)
+    labels = prepare_labels(label_inputs, grids, reuse, ds["labels"].uri)  # raises before any write
+    reused_label_sites = labels.reused
     assignments = label_inputs.assignments
-    assignments["n_polygons"] = polygon_counts(labels, assignments)
-    require_no_pending_polygons(assignments, assignments["n_polygons"], label_inputs.assignments_path)
-    site_keys, reused_site_keys = _site_label_keys(labels, assignments, reused_label_sites, reuse)
+    # raw rows: an assignment has normalised polygons exactly when it has raw ones
+    raw_counts = polygon_counts(label_inputs.labels, assignments)
+    require_no_pending_polygons(assignments, raw_counts, label_inputs.assignments_path)
 
     if "input_item_labels" in ds and Path(catalog.input_path("input_item_labels")).exists():
         i_path = catalog.input_path("input_item_labels")
@@ -161,10 +164,14 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     timings["labels"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
+    labels_dir = out_dir / ds["labels"].uri
+    labels.write(labels_dir, labels_dir.name, reuse)
+    assignments["n_polygons"] = polygon_counts(labels.columns, assignments)
+    site_keys, reused_site_keys = _site_label_keys(labels, labels_dir, assignments, reuse)
     artifacts = {
         "sites": write_table("sites", _canonical(sites_table, "site_id"), out_dir / ds["sites"].uri),
         "tiles": write_table("tiles", _tiles_gdf(tiles), out_dir / ds["tiles"].uri),
-        "labels": write_table("labels", _canonical(labels, "polygon_id"), out_dir / ds["labels"].uri),
+        "labels": labels.record,
         "assignments": write_table(
             "assignments",
             _canonical(assignments, "site_id", "labeller_id"),
@@ -185,7 +192,8 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     }
     artifacts[f"reuse_keys/{LABEL_TABLES}"] = write_keys(out_dir, LABEL_TABLES, tables_key, set(), reuse)
     timings["write"] = time.perf_counter() - t3
-    notes = [f"{int((~labels['was_valid']).sum())} invalid polygons repaired"] if len(labels) else []
+    valid = labels.columns["was_valid"]
+    notes = [f"{int((~valid).sum())} invalid polygons repaired"] if len(valid) else []
     counts = {
         "scenes": len(scenes),
         "sites": len(sites_table),
@@ -193,7 +201,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
             f"sites_{r}": int((sites_table["role"] == r).sum())
             for r in ("gold", "multi", "single", "unlabelled")
         },
-        "polygons": len(labels),
+        "polygons": len(labels.columns),
         "assignments": len(assignments),
         "no_field_assignments": int(
             ((assignments.status == "completed") & (assignments.n_polygons == 0)).sum()
@@ -281,64 +289,28 @@ def _canonical(df: pd.DataFrame, *key: str) -> pd.DataFrame:
     return df.sort_values(list(key), kind="stable").reset_index(drop=True)
 
 
-def _labels(
-    inputs: LabelInputs, grids: pd.DataFrame, reuse: Reuse, uri: str
-) -> tuple[pd.DataFrame, set[str]]:
-    """The normalised ``labels`` rows: reusable sites' rows from the previous version, the others'
-    normalised now; returns (rows, the sites taken over).
-
-    A reusable site (raw input key equal to the previous version's) whose raw polygons have no rows
-    there is normalised again rather than trusted.
-    """
-    reusable = reuse.reusable(LABELS_STAGE, inputs.keys)
-    raw = inputs.labels
-    drawn = set(raw["site_id"]) if len(raw) else set()
-    prev = previous_rows(reuse, uri, reusable & drawn)
-    have = set(prev["site_id"].astype(str)) if prev is not None and len(prev) else set()
-    reused = {s for s in reusable if s in have or s not in drawn}
-    frames = []
-    if have & reused:
-        prev = prev[prev["site_id"].isin(sorted(reused))]
-        # This run's grid CRS text names each row's CRS (the key covers it); the stored part's may be
-        # spelled differently.
-        crs = dict(zip(grids["site_id"], grids["crs"], strict=True))
-        frames.append(pd.DataFrame(prev).assign(crs=prev["site_id"].map(crs))[LABEL_COLUMNS])
-    todo = drawn - reused
-    if todo or not frames:
-        frames.append(inputs.normalise(grids, todo))
-    frames = [f for f in frames if len(f)] or frames[-1:]
-    labels = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return _inferred_text_columns(labels), reused
-
-
 def _site_label_keys(
-    labels: pd.DataFrame, assignments: pd.DataFrame, reused_sites: set[str], reuse: Reuse
+    labels: PreparedLabels, labels_dir: Path, assignments: pd.DataFrame, reuse: Reuse
 ) -> tuple[dict[str, str], set[str]]:
     """Every site's ``site_label_keys`` value, recorded once here for the later stages and the watcher;
     (keys, the sites whose key was taken over). A site whose raw label inputs are unchanged has the same
-    normalised rows, so its previous key stands; only the others' polygons are hashed."""
+    normalised rows, so its previous key stands; only the others' polygons are hashed (those normalised
+    now; a taken-over site without a previous key has its rows read back from the written folder)."""
     sites = set(assignments["site_id"].astype(str))
     prev = reuse.previous_keys(SITE_LABELS) if reuse.enabled else {}
-    kept = {s: prev[s][0] for s in reused_sites & sites if s in prev}
+    kept = {s: prev[s][0] for s in labels.reused & sites if s in prev}
     todo = sorted(sites - kept.keys())
     fresh = {}
     if todo:
+        rows = labels.fresh
+        stored = sorted(set(todo) & labels.reused & set(labels.columns["site_id"]))
+        if stored:
+            rows = pd.concat([rows, read_site_rows(labels_dir, stored)], ignore_index=True)
         fresh = site_label_keys(
-            labels[labels["site_id"].astype(str).isin(todo)],
+            rows[rows["site_id"].astype(str).isin(todo)] if len(rows) else rows,
             assignments[assignments["site_id"].astype(str).isin(todo)],
         )
     return dict(sorted((kept | fresh).items())), set(kept)
-
-
-def _inferred_text_columns(labels: pd.DataFrame) -> pd.DataFrame:
-    """Text columns typed from their values alone (missing as None), as rows built afresh would be: rows
-    read back from Parquet and rows just computed then always write the same column types (a column
-    of only missing values stays untyped either way)."""
-    labels = labels.copy()
-    for c in ("polygon_id", "site_id", "labeller_id", "label", "repair_note", "crs"):
-        values = labels[c].astype(object)
-        labels[c] = pd.Series(values.where(values.notna(), None).tolist(), index=labels.index)
-    return labels
 
 
 def _previous_tiles(reuse: Reuse, uri: str, units: set[str]) -> pd.DataFrame:

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from schemas.catalog import Catalog
 from tasks.learn.model import load_checkpoint
 from tasks.learn.params import LearnParams, params_from_catalog
+from tasks.learn.pseudo_parts import ROW_COLUMNS, write_pseudo_labels
 from tasks.learn.pseudo_sites import FIELD, SiteWork, fan_out
 from tasks.learn.run import (
     CARD,
@@ -54,7 +54,6 @@ from tasks.store.reuse import (
     code_key,
     content_key,
     link_or_copy,
-    previous_rows,
     read_keys,
     reuse_counts,
     write_keys,
@@ -62,8 +61,13 @@ from tasks.store.reuse import (
 
 STAGE = "pseudo_labels"
 THRESHOLDS_UNIT = "__thresholds__"  # the thresholds' key in reuse_keys/pseudo_labels
-PSEUDO_CODE = (*TRAIN_CODE, "tasks.learn.pseudo", "tasks.learn.pseudo_sites", "tasks.learn.vectorise")
-POLYGON_COLUMNS = ["polygon_id", "site_id", "class", "confidence", "source", "kept", "geometry", "crs"]
+PSEUDO_CODE = (
+    *TRAIN_CODE,
+    "tasks.learn.pseudo",
+    "tasks.learn.pseudo_parts",
+    "tasks.learn.pseudo_sites",
+    "tasks.learn.vectorise",
+)
 
 
 def threshold_sites(inp: Inputs, oos_dir: Path, params: LearnParams) -> list[str]:
@@ -195,14 +199,6 @@ def pseudo_label_stage(
     }
     for s in sorted(reused):
         link_or_copy(prev_out / f"{s}.tif", out_dir / f"{s}.tif")
-    frames = []
-    try:
-        prev_rows = previous_rows(reuse, ds["pseudo_labels"].uri, reused)
-    except pa.ArrowTypeError:  # an empty table written with untyped (null) columns: no rows to take
-        prev_rows = None
-    if prev_rows is not None and len(prev_rows):
-        prev_rows = prev_rows.assign(crs=[inp.grids[s].crs for s in prev_rows["site_id"]])
-        frames.append(prev_rows[[c for c in POLYGON_COLUMNS if c != "kept"]])
     work.copied = [s for s, (_, how) in units.items() if how == "oos" and s not in reused]
     for s in work.copied:
         link_or_copy(oos_dir / f"{s}.tif", out_dir / f"{s}.tif")
@@ -242,20 +238,25 @@ def pseudo_label_stage(
     timings["thresholds"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    fresh = pd.DataFrame(work.rows, columns=[c for c in POLYGON_COLUMNS if c != "kept"])
-    parts = [f for f in [*frames, fresh] if len(f)]
-    labels = pd.concat(parts, ignore_index=True) if parts else fresh
-    labels["confidence"] = labels["confidence"].astype(float)  # typed even without rows
-    for c in ("polygon_id", "site_id", "class", "source", "crs"):  # (an empty table's filters need types)
-        labels[c] = labels[c].astype(str)
-    labels["kept"] = labels["confidence"].to_numpy() >= threshold
-    labels = labels[POLYGON_COLUMNS].sort_values("polygon_id", kind="stable").reset_index(drop=True)
+    # parts of sites: those of unchanged units (and threshold) are the previous version's files, linked
+    fresh = pd.DataFrame(work.rows, columns=ROW_COLUMNS)
+    crs = {s: inp.grids[s].crs for s in units}
+    labels = write_pseudo_labels(
+        version_dir / ds["pseudo_labels"].uri,
+        keys,
+        crs,
+        fresh,
+        reused,
+        threshold,
+        reuse,
+        ds["pseudo_labels"].uri,
+    )
     thr_reused = {THRESHOLDS_UNIT} if carried is not None else set()
     artifacts = {
         "pseudo_probabilities": folder_artifact(
             out_dir, ds["pseudo_probabilities"].uri, reuse=reuse, name="pseudo_probabilities"
         ),
-        "pseudo_labels": write_table("pseudo_labels", labels, version_dir / ds["pseudo_labels"].uri),
+        "pseudo_labels": labels.record,
         "pseudo_label_thresholds": write_table("pseudo_label_thresholds", thresholds, version_dir / thr_uri),
         f"reuse_keys/{STAGE}": write_keys(
             version_dir, STAGE, {**keys, THRESHOLDS_UNIT: thr_key}, reused | thr_reused, reuse
@@ -264,8 +265,8 @@ def pseudo_label_stage(
     timings["write"] = time.perf_counter() - t3
     counts = {
         "pseudo_sites": len(units),
-        "pseudo_polygons": len(labels),
-        "pseudo_polygons_kept": int(labels["kept"].sum()),
+        "pseudo_polygons": labels.rows,
+        "pseudo_polygons_kept": labels.kept,
         "pseudo_thresholds_computed": int(carried is None),
         **reuse_counts(STAGE, len(units), len(reused)),
     }
