@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.refresh import refresh
-from flows.runtime import task_runner
+from flows.runtime import covered_by_parent_heartbeat, task_runner
 from flows.watch import EVENT, dataset_resource
 from flows.watch import watch as watch_loop
 from schemas.catalog import load_catalog
@@ -31,9 +31,10 @@ def nightly_refresh(catalog_path: str, dask_address: str | None = None) -> dict:
     """Scheduled full refresh: reuse what is unchanged, refit every global parameter."""
     catalog = load_catalog(catalog_path)
     runner = task_runner(dask_address)
-    return refresh.with_options(task_runner=runner)(
-        catalog_path, lock_wait_s=catalog.settings.schedule.lock_wait_s, reuse=True, refit=True
-    )
+    with covered_by_parent_heartbeat():
+        return refresh.with_options(task_runner=runner)(
+            catalog_path, lock_wait_s=catalog.settings.schedule.lock_wait_s, reuse=True, refit=True
+        )
 
 
 @flow(name="reprocess", log_prints=False)
@@ -53,12 +54,13 @@ def reprocess(
         len(changes.sites),
         changes.published_version,
     )
-    result = refresh.with_options(task_runner=task_runner(dask_address))(
-        catalog_path,
-        lock_wait_s=catalog.settings.schedule.lock_wait_s,
-        reuse=True,
-        refit=changes.published_version is None,  # a first run has nothing to carry
-    )
+    with covered_by_parent_heartbeat():
+        result = refresh.with_options(task_runner=task_runner(dask_address))(
+            catalog_path,
+            lock_wait_s=catalog.settings.schedule.lock_wait_s,
+            reuse=True,
+            refit=changes.published_version is None,  # a first run has nothing to carry
+        )
     return {**result, "skipped": False, "changed_sites": changes.sites}
 
 

@@ -27,7 +27,7 @@ from tasks.consensus.stage import (
 )
 from tasks.consensus.synthetic import LabellerSpec, demo_tables, synthetic_region
 from tasks.consensus.vectorise import vectorise
-from tasks.store.grid import SiteGrid
+from tasks.store.grid import SiteGrid, transformer
 
 P = ConsensusParams()
 SPECS = {
@@ -69,6 +69,24 @@ def test_site_inputs(region, sites):
     a = region.assignments.assign(is_reference=False)
     assert next(site_inputs(region.sites, region.labels, a, ["expert"])).reference_id == "expert"
     assert next(site_inputs(region.sites, region.labels, a, [])).reference_id is None
+
+
+def test_site_footprint_transformer_is_cached_and_exact(region, sites):
+    """Footprints reuse one transformer per CRS pair (building one per site cost ~15 ms) and reproject
+    exactly as a freshly built one."""
+    import pyproj
+
+    src = pyproj.CRS.from_json(region.sites.crs.to_json())  # as read from GeoParquet metadata
+    dst = sites[0].grid.crs
+    tr = transformer(src, dst)
+    assert transformer(src, dst) is tr and transformer(src.to_json(), dst) is tr
+    fresh = pyproj.Transformer.from_crs(src, dst, always_xy=True)
+    xy = np.asarray(region.sites.geometry.iloc[0].exterior.coords)
+    assert np.array_equal(
+        np.column_stack(tr.transform(xy[:, 0], xy[:, 1])),
+        np.column_stack(fresh.transform(xy[:, 0], xy[:, 1])),
+    )
+    assert transformer(dst, src) is not tr
 
 
 def test_assignment_quality_rows(sites, result):

@@ -133,3 +133,23 @@ def test_refresh_refuses_a_second_concurrent_run(refreshed, tmp_path):
         VersionStore(store.root).lock(wait_s=0.5),
     ):
         pass
+
+
+def test_refresh_subflows_run_without_heartbeats_of_their_own():
+    """Prefect's flow engine reads the heartbeat setting per run: inside ``covered_by_parent_heartbeat`` a
+    (sub)flow run starts no heartbeat thread, whose one-second sleeps delayed each refresh's end."""
+    from prefect import flow
+    from prefect.flow_engine import FlowRunEngine
+    from prefect.settings import get_current_settings
+
+    from flows.runtime import covered_by_parent_heartbeat
+
+    @flow
+    def probe() -> None:
+        return None
+
+    before = get_current_settings().flows.heartbeat_frequency
+    assert before is not None and FlowRunEngine(flow=probe).heartbeat_seconds is not None
+    with covered_by_parent_heartbeat():
+        assert FlowRunEngine(flow=probe).heartbeat_seconds is None
+    assert get_current_settings().flows.heartbeat_frequency == before

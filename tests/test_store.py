@@ -248,6 +248,28 @@ def test_publish_makes_version_visible_and_switches_latest(tmp_path):
     assert not [p for p in (tmp_path / "versions").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_publish_syncs_the_files_this_run_wrote_not_links_to_a_published_version(tmp_path, monkeypatch):
+    store = VersionStore(tmp_path)
+    first = store.publish(_draft_with(store, "kept.txt", "reused"), {})
+    draft = _draft_with(store, "fresh.txt", "new")
+    os.link(first / "kept.txt", draft.path / "kept.txt")  # what reuse.link_or_copy does
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
+    final = store.publish(draft, {})
+    names = {Path(p).name for p in synced}
+    assert "fresh.txt" in names and "manifest.json" in names and "kept.txt" not in names
+    assert (final / "kept.txt").read_text() == "reused" and (final / "fresh.txt").read_text() == "new"
+
+
+def _draft_with(store, name, text):
+    draft = store.new_draft()
+    (draft.path / name).write_text(text, encoding="utf-8")
+    return draft
+
+
 def test_version_ids_sort_by_creation(tmp_path):
     store = VersionStore(tmp_path)
     ids = [_publish(store, str(i)) for i in range(5)]

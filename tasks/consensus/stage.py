@@ -34,7 +34,7 @@ from tasks.consensus.patterns import (
 )
 from tasks.consensus.posterior import SITE_CONSENSUS_COLUMNS, consensus_site, site_votes
 from tasks.consensus.site import SiteInput, empty_labels, grid_box
-from tasks.store.grid import SiteGrid
+from tasks.store.grid import SiteGrid, transformer
 
 __all__ = [
     "ASSIGNMENT_QUALITY_COLUMNS",
@@ -71,7 +71,7 @@ def _footprint(geom: BaseGeometry | None, src_crs, grid: SiteGrid) -> BaseGeomet
     if geom is None or geom.is_empty:
         return box
     if src_crs is not None and pyproj.CRS.from_user_input(src_crs) != pyproj.CRS.from_user_input(grid.crs):
-        tr = pyproj.Transformer.from_crs(src_crs, grid.crs, always_xy=True)
+        tr = transformer(src_crs, grid.crs)
         geom = shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
     fp = shapely.intersection(shapely.make_valid(geom), box)
     if fp.is_empty or fp.area >= 0.999 * box.area:

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+import pyproj
 from affine import Affine
+
+
+@lru_cache(maxsize=64)
+def _transformer(src: pyproj.CRS, dst: pyproj.CRS) -> pyproj.Transformer:
+    return pyproj.Transformer.from_crs(src, dst, always_xy=True)
+
+
+def transformer(src, dst) -> pyproj.Transformer:
+    """A cached x/y-order transformer between two CRSs (anything ``pyproj.CRS.from_user_input`` takes).
+
+    Building one searches PROJ's database for the operation: ~15 ms when the source is a CRS read from
+    GeoParquet metadata (PROJJSON without an EPSG code), paid once per site before this cache. Transformers
+    are thread-safe since pyproj 3.1 (each thread gets its own PROJ object)."""
+    return _transformer(pyproj.CRS.from_user_input(src), pyproj.CRS.from_user_input(dst))
 
 
 @dataclass(frozen=True)
