@@ -118,6 +118,39 @@ def first_pass(
     return FirstPass(keys, voters, reused, concat_frames(aq), concat_frames(counts))
 
 
+def unchanged_batches(
+    version_dir: str,
+    uris: dict[str, str],
+    sites: pd.DataFrame,
+    batches: list[list[str]],
+    refs: list[str],
+    params: ConsensusParams,
+    previous_keys: dict[str, str],
+    previous_dir: str | None,
+    label_keys: dict[str, str] | None,
+) -> tuple[list[list[str]], FirstPass | None]:
+    """Split pass 1: the batches that have a changed site (for ``first_pass`` tasks), and one FirstPass of
+    every other batch's sites made here: their keys equal the previous version's, so their quality rows and
+    pattern counts are the previous rows, read in one filtered read per table instead of a task per batch
+    (what ``first_pass`` would return for them). Needs the recorded label keys; without them, all batches
+    go to tasks."""
+    if label_keys is None or not previous_keys or previous_dir is None:
+        return batches, None
+    ids = [s for b in batches for s in b]
+    keys = site_input_keys(sites, {s: label_keys[s] for s in ids if s in label_keys}, refs, params, ids)
+    same = {s for s, k in keys.items() if previous_keys.get(s) == k}
+    todo = [b for b in batches if not all(s in same for s in b)]
+    kept = sorted(s for b in batches if b not in todo for s in b)
+    if not kept:
+        return batches, None
+    assignments = read_table(Path(version_dir) / uris["assignments"], filters=[("site_id", "in", kept)])
+    voters = site_voters(assignments, refs)
+    prev = Reuse(previous_dir)
+    aq = previous_rows(prev, uris["assignment_quality"], kept)
+    counts = previous_rows(prev, uris["consensus_pattern_counts"], kept) if params.method == "em" else None
+    return todo, FirstPass({s: keys[s] for s in kept}, {s: voters.get(s, ()) for s in kept}, kept, aq, counts)
+
+
 def concat_frames(frames: list[pd.DataFrame | None]) -> pd.DataFrame | None:
     frames = [f for f in frames if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else None

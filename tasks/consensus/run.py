@@ -23,6 +23,7 @@ from tasks.consensus.batch_tasks import (
     consensus_chunk,
     first_pass,
     labels_frame,
+    unchanged_batches,
 )
 from tasks.consensus.incremental import (
     INPUTS_STAGE,
@@ -131,6 +132,17 @@ def run_consensus_stage(
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    todo_batches, unchanged = unchanged_batches(
+        str(version_dir),
+        uris,
+        sites,
+        batches(site_ids, batch_size),
+        refs,
+        params,
+        prev_inputs,
+        str(prev) if prev_inputs else None,
+        label_keys,
+    )
     first = dask.compute(
         *[
             dask.delayed(first_pass)(
@@ -143,9 +155,9 @@ def run_consensus_stage(
                 str(prev) if prev_inputs else None,
                 None if label_keys is None else {s: label_keys[s] for s in ids},
             )
-            for ids in batches(site_ids, batch_size)
+            for ids in todo_batches
         ]
-    )
+    ) + ((unchanged,) if unchanged is not None else ())
     input_keys = {s: k for f in first for s, k in f.keys.items()}
     voters = {s: v for f in first for s, v in f.voters.items()}
     reused_inputs = {s for f in first for s in f.reused}
