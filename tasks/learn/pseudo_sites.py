@@ -150,6 +150,10 @@ def fan_out(
 ) -> SiteWork:
     """Run every chunk of ``work`` (``CHUNK`` sites a task) in one Dask computation when this runs on a
     Dask worker, else here one after another (the model loaded once); fill in its results."""
+    if not (work.evidence_sites or work.copied or work.predict):
+        # every site reused: stay in the worker's thread pool, since a seceded task must wait for a free
+        # thread to rejoin it, behind whatever a concurrent stage (label_issues) fanned out meanwhile
+        return work
     grids = {s: inp.grids[s] for s in work.copied + work.predict}
     with cluster_scheduler() as client:
         run = FanOut(client)
