@@ -360,3 +360,19 @@ def test_learn_artifacts_render_when_present(built, tmp_path):
     assert "0.910" in pages["pseudo.html"] and "p(field)" in pages["pseudo.html"]
     assert m["assets"]["issues"] and m["assets"]["pseudo"][0]["probability"]
     assert res.counts["report_pages"] == 11
+
+
+def test_trend_chart_stays_small_over_a_year_of_versions(tmp_path):
+    """Every refresh redraws the index's trend chart: one tick label per version made it grow to 1.2 MB
+    (5.6 s to draw) at 300 versions."""
+    import re
+
+    from tasks.report import plots
+    from tasks.report.index import TREND
+
+    keys = [(k, k) for k in TREND]
+    rows = [{"version_id": str(i), "headline": {k: (i % 7) / 7 for k in TREND}} for i in range(300)]
+    svg = (tmp_path / plots.trend(rows, keys, tmp_path)).read_text(encoding="utf-8")
+    ticks = re.findall(r"<text[^>]*>(\d+)</text>", svg)
+    assert len(svg) < 250_000 and 0 < len(ticks) <= len(TREND) * 10
+    assert max(map(int, ticks)) <= 300
