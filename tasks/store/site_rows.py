@@ -39,9 +39,9 @@ def _row_groups(pf: pq.ParquetFile, ids: list[str]) -> list[int]:
     return keep
 
 
-def _batch_rows(part: Path, site_ids: list[str]) -> pa.Table:
+def _batch_rows(part: Path | pq.ParquetFile, site_ids: list[str]) -> pa.Table:
     """The rows of ``part`` whose ``site_id`` is in ``site_ids``, read one record batch at a time."""
-    pf = pq.ParquetFile(part)
+    pf = part if isinstance(part, pq.ParquetFile) else pq.ParquetFile(part)
     covering = covering_columns(geo_metadata(pf.schema_arrow))  # gpd.read_parquet leaves them out too
     columns = [n for n in pf.schema_arrow.names if n not in covering]
     schema = pa.schema([pf.schema_arrow.field(n) for n in columns], metadata=pf.schema_arrow.metadata)
@@ -66,10 +66,11 @@ def read_site_rows(path: str | Path, site_ids: Iterable[str]) -> pd.DataFrame:
     parts = sorted(Path(path).glob("*.parquet"))
     # a part whose row-group statistics cannot hold one of the sites costs a footer read, not a conversion
     # (a folder of many parts of a few sites each); the first part gives an empty result its columns
-    holding = [part for part in parts if _row_groups(pq.ParquetFile(part), ids)]
+    files = [pq.ParquetFile(part) for part in parts]  # each footer read once
+    holding = [pf for pf in files if _row_groups(pf, ids)]
     frames = []
-    for part in holding or parts[:1]:
-        gdf = geo_frame(_batch_rows(part, ids))
+    for pf in holding or files[:1]:
+        gdf = geo_frame(_batch_rows(pf, ids))
         df = pd.DataFrame(gdf)
         df[gdf.geometry.name] = pd.Series(gdf.geometry.to_numpy(), index=df.index, dtype=object)
         df["crs"] = gdf.crs.to_string() if gdf.crs is not None else None
