@@ -63,21 +63,27 @@ def releasing_memory(task: Callable) -> Callable:
 # glibc's mallopt parameters, and the values its own dynamic thresholds may grow to on 64-bit Linux.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_MAX, _TRIM_WHILE_SWEEPING = 32 << 20, 1 << 30
-_malloc = {"sweeps": 0, "lock": threading.Lock()}
+# Seconds after the last sweep ends before the thresholds are set back and the freed memory handed back:
+# a worker sweeping scene after scene keeps its pages from one task to the next.
+RELEASE_AFTER_S = 2.0
+_malloc: dict = {"sweeps": 0, "lock": threading.Lock(), "timer": None}
 
 
 @contextmanager
 def keep_freed_memory():
-    """While sweeps run in this process, glibc keeps the memory they free for reuse.
+    """While sweeps run in this process, and for ``RELEASE_AFTER_S`` after the last one ends, glibc keeps
+    the memory they free for reuse.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also freezes glibc's mmap
     threshold at 128 KiB: every larger block GDAL allocates (a decoded 256 px block of 4 bands is
     512 KiB, so are its zstd buffers) is a fresh mapping, unmapped when freed, so each block's pages are
     faulted in anew: 17 000 minor faults and 30-55 ms of system time per scene task of the demo region
-    (2 cores; ~10 000 faults and 15-40 ms with this). While any sweep runs, the thresholds are raised;
-    when the last one ends they are set back and ``malloc_trim(0)`` hands the freed memory to the OS, so
-    a worker holds no more between tasks than before. Without that variable (local threads), glibc's
-    own thresholds already adapt, and nothing is changed.
+    (2 cores). While any sweep runs the thresholds are raised; handing everything back at the end of
+    each task still cost ~10 000 faults and 15-40 ms in the next one (its GDAL block cache and strips
+    faulted in again), so the release waits until no sweep has run for ``RELEASE_AFTER_S``: then the
+    thresholds are set back and ``malloc_trim(0)`` hands the freed memory to the OS, and a worker holds
+    no more between stages than before. Without that variable (local threads), glibc's own thresholds
+    already adapt, and nothing is changed.
     """
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "")
     libc = _libc() if trim.isdigit() else None
@@ -87,7 +93,10 @@ def keep_freed_memory():
         yield
         return
     with _malloc["lock"]:
-        if _malloc["sweeps"] == 0:
+        if _malloc["timer"] is not None:  # a release was pending: the thresholds are still raised
+            _malloc["timer"].cancel()
+            _malloc["timer"] = None
+        elif _malloc["sweeps"] == 0:
             libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_WHILE_SWEEPING)
         _malloc["sweeps"] += 1
@@ -97,6 +106,18 @@ def keep_freed_memory():
         with _malloc["lock"]:
             _malloc["sweeps"] -= 1
             if _malloc["sweeps"] == 0:
-                libc.mallopt(_M_MMAP_THRESHOLD, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 << 10)))
-                libc.mallopt(_M_TRIM_THRESHOLD, int(trim))
-                libc.malloc_trim(0)
+                timer = threading.Timer(RELEASE_AFTER_S, _release, (libc, int(trim)))
+                timer.daemon = True
+                _malloc["timer"] = timer
+                timer.start()
+
+
+def _release(libc, trim: int) -> None:
+    """Set glibc's thresholds back and return the freed memory, unless a sweep started meanwhile."""
+    with _malloc["lock"]:
+        if _malloc["sweeps"] or _malloc["timer"] is not threading.current_thread():
+            return  # a sweep started meanwhile (and cancelled this timer, maybe too late)
+        _malloc["timer"] = None
+        libc.mallopt(_M_MMAP_THRESHOLD, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 << 10)))
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+        libc.malloc_trim(0)

@@ -331,9 +331,9 @@ def test_visible_mean_and_nodata_masks_equal_the_float32_reduce(dtype):
         info = np.iinfo(dtype)
         flat = rng.integers(info.min, info.max, (5, n), endpoint=True).astype(dtype)
         flat[:, :4] = np.array([info.max, info.min, info.max - 1, 0], dtype)
-    mean, scratch = np.empty(n, np.float32), np.empty(n, np.intp)
+    mean = np.empty(n, np.float32)
     for vis in ([0], [0, 1, 2], [1, 3, 4], [0, 1, 2, 3, 4]):
-        tile_summary._visible_mean(flat, vis, mean, scratch)
+        tile_summary._visible_mean(flat, vis, mean)
         want = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
         assert mean.tobytes() == want.tobytes(), vis
     value = flat[2, 7]
@@ -344,18 +344,27 @@ def test_visible_mean_and_nodata_masks_equal_the_float32_reduce(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cloud_mask_equals_the_float32_mean_test_at_the_threshold(dtype):
-    """``_bright`` (for small integers an int32 sum against the least sum that passes) gives
-    ``float32 mean > dn`` to the bit: for thresholds equal to means that occur, just around them, between
-    two of them, past the extremes, and NaN."""
+    """The cloud mask gives ``float32 mean > dn`` to the bit: for thresholds equal to means that occur,
+    just around them, between two of them, past the extremes, and NaN. Pixels of at most 16 bits go
+    through the compiled kernel (an exact integer sum against the least sum that passes, with a nodata
+    value and padding beside), the others through ``_bright``."""
     rng = np.random.default_rng(7 + len(dtype))
-    n = 4000
+    h, w = 40, 100
+    n = h * w
     if np.dtype(dtype).kind == "f":
         flat = rng.uniform(-1e4, 1e4, (4, n)).astype(dtype)
     else:
         info = np.iinfo(dtype)
         flat = rng.integers(info.min, info.max, (4, n), endpoint=True).astype(dtype)
         flat[:, :2] = np.array([info.max, info.min], dtype)
-    out, mean, scratch = np.empty(n, bool), np.empty(n, np.float32), np.empty(n, np.intp)
+    small = dtype in ("uint8", "int8", "uint16", "int16")
+    nodata = int(flat[1, 17])
+    pad = ((2, 3), (0, 5))
+    nod = (flat == nodata).any(axis=0).reshape(h, w)
+    nod[:2] = nod[h - 3 :] = nod[:, w - 5 :] = True
+    nod = nod.reshape(-1)
+    out, mean = np.empty(n, bool), np.empty(n, np.float32)
+    keep, acc = np.empty(n, bool), np.empty(n, np.int64)
     for vis in ([2], [0, 1, 2], [0, 1, 2, 3]):
         want_mean = np.add.reduce(flat[vis], axis=0, dtype=np.float32) / np.float32(len(vis))
         some = [float(x) for x in want_mean[[0, 1, 5, 9]]]
@@ -363,10 +372,14 @@ def test_cloud_mask_equals_the_float32_mean_test_at_the_threshold(dtype):
         dns += [*(float(np.nextafter(np.float32(x), np.float32(-np.inf))) for x in some), some[2] + 0.3]
         dns += [220.0, 4500.0, -1e9, 1e9, float("nan")]
         for dn in dns:
-            got = tile_summary._bright(flat, vis, dn, out, mean, scratch)
             want = want_mean > dn
-            assert np.array_equal(got, want), (vis, dn)
-        assert 0 < tile_summary._bright(flat, vis, some[2], out, mean, scratch).sum() < n
+            if small:
+                counts = tile_summary._small_int_masks(flat, w, pad, nodata, vis, dn, keep, acc)
+                assert np.array_equal(keep, ~(nod | want)), (vis, dn)
+                assert counts == (nod.sum(), (nod | want).sum()), (vis, dn)
+            else:
+                assert np.array_equal(tile_summary._bright(flat, vis, dn, out, mean), want), (vis, dn)
+        assert 0 < want_mean.__gt__(some[2]).sum() < n
 
 
 def test_helper_threads_follow_the_scheduler():
@@ -484,26 +497,32 @@ def test_on_worker_processes_same_table_and_the_same_error(demo_root, make_catal
 
 
 _FAULTS = """
-import resource, sys
+import resource, sys, time
 import numpy as np
-from tasks.memory import keep_freed_memory
+from tasks import memory
+memory.RELEASE_AFTER_S = 0.3
 
 def faults(keep):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    with keep_freed_memory() if keep else open("/dev/null"):
+    with memory.keep_freed_memory() if keep else open("/dev/null"):
         for _ in range(100):
             np.ones(1 << 20, np.uint8).sum()  # 1 MiB allocated, touched, freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+plain = faults(False)
 faults(True)
-print(faults(False), faults(True))
+kept = faults(True)  # the next sweep right after the last: its freed pages are still there
+time.sleep(1.0)  # past RELEASE_AFTER_S: thresholds set back, memory returned
+print(plain, kept, faults(False))
 """
 
 
 @pytest.mark.skipif(not hasattr(memory._libc(), "mallopt"), reason="glibc only")
 def test_sweeps_keep_freed_memory_on_a_worker_with_malloc_trim_threshold():
     """With ``MALLOC_TRIM_THRESHOLD_`` set (as Dask's nanny sets it), every freed 1 MiB block is unmapped and
-    faulted in again (256 pages each time) unless a sweep's ``keep_freed_memory`` is active."""
+    faulted in again (256 pages each time) unless a sweep's ``keep_freed_memory`` is active; a sweep right
+    after another reuses its pages, and once no sweep has run for ``RELEASE_AFTER_S`` glibc's thresholds
+    are back (blocks unmapped again)."""
     import os
     import subprocess
     import sys
@@ -513,5 +532,5 @@ def test_sweeps_keep_freed_memory_on_a_worker_with_malloc_trim_threshold():
     out = subprocess.run(
         [sys.executable, "-c", _FAULTS], env=env, cwd=root, capture_output=True, text=True, check=True
     )
-    plain, kept = map(int, out.stdout.split())
-    assert plain > 100 * 200 and kept < plain / 10, (plain, kept)
+    plain, kept, released = map(int, out.stdout.split())
+    assert plain > 100 * 200 and kept < plain / 10 and released > plain / 2, (plain, kept, released)

@@ -18,10 +18,11 @@ its task, so there is no lazy array for xarray to describe.
 
 Within a task, the task's own thread reads strips and copies each finished tile out of them, and helper
 threads (``sweep``'s ``threads``) may summarise the tiles meanwhile (GDAL decoding and the large numpy
-copies release the GIL), so one scene can keep two cores busy without splitting it into tasks that would
-decode their shared block rows twice. The caller gives a task helpers only when there are fewer tasks
-than scheduler threads (``tiles.helper_threads``): ``np.bincount`` holds the GIL, so extra summarising
-threads in one process mostly queue for it. Strip and tile arrays are reused within a task.
+copies release the GIL, and so do the compiled tile statistics of ``tasks.ingest.tile_summary``), so one
+scene can keep two cores busy without splitting it into tasks that would decode their shared block rows
+twice. The caller gives a task helpers only when there are fewer tasks than scheduler threads
+(``tiles.helper_threads``): more threads than cores only take turns. Strip and tile arrays are reused
+within a task.
 """
 
 from __future__ import annotations
