@@ -46,6 +46,7 @@ def run_refresh(catalog: Path, workers: int) -> dict:
         "workers": workers,
         "wall_s": wall,
         "peak_mib": mem.peak_mib,
+        "role_peaks_mib": mem.role_peaks_mib,
         "stage_seconds": m["stage_seconds"],
         "sites": m["counts"]["sites"],
     }
@@ -65,7 +66,8 @@ def main() -> None:
             r = {"scale": scale, **run_refresh(catalog, w)}
             info["runs"].append(r)
             print(f"{scale:>4}x {r['sites']:>6} sites  {w} worker(s): {r['wall_s']:7.1f} s, "
-                  f"peak {r['peak_mib']:6.0f} MiB  stages {r['stage_seconds']}", flush=True)  # fmt: skip
+                  f"peak {r['peak_mib']:6.0f} MiB (each process's own peak: {r['role_peaks_mib']})  "
+                  f"stages {r['stage_seconds']}", flush=True)  # fmt: skip
     runs = {(r["scale"], r["workers"]): r for r in info["runs"]}
     lo, hi = min(args.scales), max(args.scales)
     summary = {}

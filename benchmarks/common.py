@@ -42,22 +42,41 @@ def demo_region(root: Path, scale: int, seed: int = 0, learn: dict | None = None
 
 
 class TreeMemory:
-    """Peak resident memory of this process and all its descendants (Dask workers included), sampled."""
+    """Peak resident memory of this process and all its descendants (Dask workers included), sampled.
+
+    Besides the peak of the sum, keeps each role's own peak (``main``: the root process; ``server``: the
+    Prefect server; ``worker``: the largest Dask worker process; ``other``), so a growth can be traced.
+    """
 
     def __init__(self, root_pid: int | None = None, every_s: float = 0.2):
         self.proc = psutil.Process(root_pid)
         self.every_s = every_s
         self.peak = 0
+        self.role_peaks: dict[str, int] = {}
+
+    def _role(self, p: psutil.Process) -> str:
+        if p.pid == self.proc.pid:
+            return "main"
+        cmd = " ".join(p.cmdline())
+        if "prefect" in cmd and ("server" in cmd or "uvicorn" in cmd):
+            return "server"
+        if "spawn_main" in cmd or "distributed" in cmd or "dask" in cmd:
+            return "worker"
+        return "other"
 
     def rss(self) -> int:
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += p.memory_info().rss
+                r = p.memory_info().rss
+                total += r
+                role = self._role(p)
+                self.role_peaks[role] = max(self.role_peaks.get(role, 0), r)
         return total
 
     @contextmanager
     def measure(self):
+        self.role_peaks = {}
         self.peak = self.rss()
         stop = threading.Event()
 
@@ -78,6 +97,10 @@ class TreeMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def role_peaks_mib(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in sorted(self.role_peaks.items())}
 
 
 @contextmanager
