@@ -11,14 +11,7 @@ import shapely
 from shapely.geometry import MultiPolygon, box
 
 from schemas.tables import SchemaViolation
-from tasks.store.artifacts import (
-    CARRIED,
-    concat_carried,
-    encode_rows,
-    read_carried,
-    read_table,
-    write_table,
-)
+from tasks.store.artifacts import CARRIED, read_carried, read_table, write_table
 
 CRS = ("EPSG:32630", "EPSG:32631")
 
@@ -95,35 +88,6 @@ def test_all_rows_carried_and_a_crs_without_fresh_rows(tmp_path):
         write_table("label_issues", full, tmp_path / "full")
         for part in sorted((tmp_path / "full").glob("*.parquet")):
             assert (tmp_path / "carried" / part.name).read_bytes() == part.read_bytes(), part.name
-
-
-def test_rows_encoded_in_batches_write_the_same_file(tmp_path):
-    """The label_issues stage's path: each batch validates and encodes its own rows (encode_rows), the
-    ranking task joins them with rows carried from the previous version (concat_carried) and ranks; the
-    file equals the one written from decoded geometries, whatever the batch boundaries."""
-    full = _issues(500, 4)
-    changed = {"s00", "s03", "s04"}
-    _, _ = _carry(tmp_path, full, changed)  # writes the previous version to tmp_path / "prev"
-    kept, carried = read_carried(tmp_path / "prev", filters=[("site_id", "not in", sorted(changed))])
-    fresh = full[full["site_id"].isin(changed)].sample(frac=1.0, random_state=0)
-    cuts = [0, 7, len(fresh) // 2, len(fresh)]
-    batches = [encode_rows("label_issues", fresh.iloc[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
-    assert all(b[0]["geometry"].isna().all() and (b[0][CARRIED] >= 0).all() for b in batches)
-    columns = [c for c in full.columns if c != "rank"]
-    joined, geoms = concat_carried([*batches, (kept, carried)], columns)
-    assert sorted(joined["issue_id"]) == sorted(full["issue_id"])
-    assert {k: len(t) for k, t in geoms.parts.items()} == full["crs"].value_counts().to_dict()
-    ranked = _ranked(joined)[[*full.columns, CARRIED]]  # the table's column order, as rank_frames gives
-    write_table("label_issues", ranked, tmp_path / "batched", geoms, changed=["rank"])
-    write_table("label_issues", full, tmp_path / "full")
-    for part in sorted((tmp_path / "full").glob("*.parquet")):
-        assert (tmp_path / "batched" / part.name).read_bytes() == part.read_bytes(), part.name
-    bad = full.head(20).copy()
-    bad.loc[bad.index[3], "geometry"] = shapely.Polygon()  # a batch's rows are validated where encoded
-    with pytest.raises(SchemaViolation, match="empty geometry"):
-        encode_rows("label_issues", bad)
-    with pytest.raises(ValueError, match="no carried geometries"):
-        concat_carried([(batches[0][0], None)], columns)
 
 
 def test_carried_rows_are_checked(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from schemas.catalog import Catalog
-from tasks.learn.issue_ranking import ISSUE_COLUMNS, gold_records, rank_frames, rank_tables, score_tables
+from tasks.learn.issue_ranking import gold_records, rank_frames, rank_tables, score_tables
 from tasks.learn.issue_reuse import choose_fit, input_keys, previous_site_rows
 from tasks.learn.issue_sites import (
     SiteWork,
@@ -43,15 +43,7 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     fit_pixel_cl,
 )
-from tasks.store.artifacts import (
-    CARRIED,
-    CarriedRows,
-    concat_carried,
-    encode_rows,
-    read_attributes,
-    read_table,
-    write_table,
-)
+from tasks.store.artifacts import CARRIED, read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
@@ -130,26 +122,6 @@ def collect_issues(
     """Pass 2 over batches on the active Dask scheduler: unranked issue records and summaries."""
     outs = dask.compute(*[dask.delayed(issues_batch)(b, model, params) for b in parts])
     return [r for o in outs for r in o[0]], [s for o in outs for s in o[1]]
-
-
-def scored_batch(
-    batch: list[SiteWork], model: PixelCL, params: IssueParams, lq: pd.DataFrame | None, source: str
-) -> tuple[pd.DataFrame, pd.DataFrame, CarriedRows]:
-    """Pass 2 for one batch up to its written form: issue rows scored (``score_tables``: every value is
-    the row's own), validated and their geometries encoded as ``write_table`` writes them (WKB), so
-    the task that ranks all rows gathers compact rows, not shapely objects: its memory stays a small
-    multiple of the table's size on disk."""
-    issues, summaries = issues_batch(batch, model, params)
-    li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
-    li, geoms = encode_rows("label_issues", li.assign(rank=np.int64(1)))  # ranks come after the gather
-    return li, ai, geoms
-
-
-def collect_scored(
-    parts: list[list[SiteWork]], model: PixelCL, params: IssueParams, lq: pd.DataFrame | None, source: str
-) -> list[tuple[pd.DataFrame, pd.DataFrame, CarriedRows]]:
-    """``scored_batch`` of every batch on the active Dask scheduler."""
-    return list(dask.compute(*[dask.delayed(scored_batch)(b, model, params, lq, source) for b in parts]))
 
 
 def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> tuple[list[dict], list[dict]]:
@@ -351,20 +323,17 @@ def run_label_issues_stage(
     with ThreadPoolExecutor(1) as pool:
         previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
         changed = [w for w in scored if w.site_id not in reused]
-        fresh = collect_scored(light_batches(_batches(changed, size), labels_path), model, params, lq, source)
+        issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
         old_li, old_ai, kept_geoms, reused = previous.result()
     done = {w.site_id for w in changed}
     if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
-        fresh += collect_scored(light_batches(_batches(more, size), labels_path), model, params, lq, source)
-    # every row's geometry stays WKB from here on: fresh rows as their batch encoded it, taken-over
-    # ones as written in the previous version; write_table copies both
-    pieces = [(li, geoms) for li, _, geoms in fresh]
-    summaries = [ai for _, ai, _ in fresh if len(ai)]
+        extra = collect_issues(light_batches(_batches(more, size), labels_path), model, params)
+        issues, summaries = issues + extra[0], summaries + extra[1]
+    li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
+    li[CARRIED] = -1  # fresh rows; taken-over ones point at their geometry as written (write_table)
     if old_li is not None:
-        pieces.append((old_li, kept_geoms))
-        summaries += [old_ai] if len(old_ai) else []
-    li, kept_geoms = concat_carried(pieces, [c for c in ISSUE_COLUMNS if c != "rank"])
-    ai = pd.concat(summaries, ignore_index=True) if summaries else score_tables([], [], lq, source)[1]
+        li = pd.concat([li, old_li[li.columns]], ignore_index=True) if len(old_li) else li
+        ai = pd.concat([ai, old_ai[ai.columns]], ignore_index=True) if len(old_ai) else ai
     li, ai = rank_frames(li, ai, keep=[CARRIED])
     timings["issues"] = time.perf_counter() - t3
 

@@ -168,56 +168,6 @@ def read_carried(path: str | Path, filters=None) -> tuple[pd.DataFrame, CarriedR
     return df, CarriedRows(parts)
 
 
-def encode_rows(name: str, df: pd.DataFrame) -> tuple[pd.DataFrame, CarriedRows]:
-    """Validate fresh rows of a native-CRS table now and encode their geometries as ``write_table``
-    would, returning them in :func:`read_carried`'s form (geometry None, a ``CARRIED`` locator).
-
-    For a table assembled from many tasks' rows: each task encodes its own, so the task that gathers
-    them holds attributes and WKB, never shapely objects, and ``write_table`` copies the WKB as is
-    (validating what is changed later, e.g. ranks, and the key over all rows).
-    """
-    spec = TABLES[name]
-    if not (spec.geometry and spec.geometry_crs is None):
-        raise ValueError(f"table {name!r}: encoded rows are for native-CRS geometric tables")
-    frames, parts = [], {}
-    for crs, part in df.drop(columns=[CARRIED], errors="ignore").groupby("crs", sort=True):
-        gdf = gpd.GeoDataFrame(part.drop(columns="crs"), geometry="geometry", crs=crs).reset_index(drop=True)
-        validate(name, gdf)
-        table = _geopandas_to_arrow(gdf, index=False, schema_version="1.1.0", write_covering_bbox=True)
-        parts[str(crs)] = pa.table({"geometry": table["geometry"], "bbox": table["bbox"]})
-        attrs = part.reset_index(drop=True).assign(geometry=None)
-        frames.append(attrs.assign(**{CARRIED: np.arange(len(attrs), dtype=np.int64)}))
-    out = pd.concat(frames, ignore_index=True) if frames else df.iloc[:0].assign(**{CARRIED: np.int64(-1)})
-    return out, CarriedRows(parts)
-
-
-def concat_carried(
-    pieces: Sequence[tuple[pd.DataFrame, CarriedRows | None]], columns: Sequence[str]
-) -> tuple[pd.DataFrame, CarriedRows]:
-    """Join frames of rows from :func:`read_carried` or :func:`encode_rows` (and fresh rows, locator -1)
-    into one frame of ``columns`` + ``CARRIED`` and one ``CarriedRows``, each locator shifted to where its
-    row's geometry lands in the joined parts."""
-    frames, tables, offset = [], {}, {}
-    for df, rows in pieces:
-        loc = df[CARRIED].to_numpy(np.int64).copy() if CARRIED in df else np.full(len(df), -1, np.int64)
-        crs = df["crs"].astype(str).to_numpy() if len(df) else np.array([], dtype=object)
-        if rows is None and (loc >= 0).any():
-            raise ValueError("rows with a carried locator but no carried geometries")
-        for key, table in rows.parts.items() if rows is not None else ():
-            loc[(crs == key) & (loc >= 0)] += offset.get(key, 0)
-            geoms = pa.table({"geometry": table["geometry"], "bbox": table["bbox"]})
-            tables.setdefault(key, []).append(geoms)
-            offset[key] = offset.get(key, 0) + len(table)
-        if len(df):
-            frames.append(df[list(columns)].assign(**{CARRIED: loc}))
-    joined = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=[*columns, CARRIED]).astype({CARRIED: np.int64})
-    )
-    return joined, CarriedRows({k: pa.concat_tables(v) for k, v in tables.items()})
-
-
 def _write_with_carried(
     name: str, part: gpd.GeoDataFrame, loc: np.ndarray, kept: pa.Table | None, changed, out: Path
 ) -> str:
