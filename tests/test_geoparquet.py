@@ -50,3 +50,35 @@ def test_missing_crs_means_crs84_and_one_object_per_crs(tmp_path):
     crs = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]["crs"]
     assert parsed_crs(crs) is parsed_crs(json.loads(json.dumps(crs))) and parsed_crs(None) is None
     assert read_geoparquet(path).crs is read_geoparquet(path).crs
+
+
+# ------------------------------------------------------------------------ how every writer spells a CRS
+@pytest.mark.parametrize("crs", ["EPSG:32630", "EPSG:4326"])
+def test_crs_definition_is_a_fresh_processs_in_every_thread(crs):
+    """What every writer puts in GeoParquet metadata is what geopandas writes in a new process (whose
+    threads have run nothing), whichever thread asks (tasks/store/geoparquet.crs_projjson says why)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.store.geoparquet import crs_projjson
+    from tests.crs_spelling import fresh_process_projjson
+
+    want = fresh_process_projjson([crs])[crs]
+    assert "datum_ensemble" in (want.get("base_crs") or want)  # WGS 84 as PROJ's database defines it
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(crs_projjson, [crs] * 8))
+    assert all(g == want for g in got)
+
+
+def test_a_version_with_another_spelling_is_caught(tmp_path):
+    """The check the end-to-end tests run on every version sees a file whose CRS is spelled otherwise."""
+    from pyproj import CRS
+
+    from tests.crs_spelling import assert_crs_spelled_as_fresh_process
+
+    _frame("EPSG:32630").to_parquet(tmp_path / "good.parquet", schema_version="1.1.0", index=False)
+    assert_crs_spelled_as_fresh_process(tmp_path)
+    wkt1 = CRS.from_wkt(CRS("EPSG:32630").to_wkt("WKT1_GDAL"))  # equal, without the datum ensemble
+    (tmp_path / "sub").mkdir()
+    _frame(wkt1).to_parquet(tmp_path / "sub" / "bad.parquet", schema_version="1.1.0", index=False)
+    with pytest.raises(AssertionError, match="bad.parquet"):
+        assert_crs_spelled_as_fresh_process(tmp_path)

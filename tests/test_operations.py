@@ -18,6 +18,7 @@ import yaml
 from tasks.demo import generate_demo_region
 from tasks.store.reuse import read_keys
 from tasks.store.versions import VersionStore
+from tests.crs_spelling import assert_crs_spelled_as_fresh_process
 from tests.topology import Topology, executable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,8 @@ def test_nightly_then_label_event_reprocesses_only_the_changed_site(served, topo
     others = {s: k for s, k in keys.items() if s != multi}
     assert others and all(computed_in == first for _, computed_in in others.values())
     assert manifest["placement"]["train"] == topology.gpu_worker_address
+    # whatever ran before in a worker's threads, files are spelled alike (else their hashes, keys, change)
+    assert assert_crs_spelled_as_fresh_process(store.dir) > 10
 
     again = subprocess.run(
         [executable("labelrefinery"), "watch", "--catalog", str(catalog), "--once"],

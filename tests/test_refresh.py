@@ -14,6 +14,7 @@ from schemas.tables import validate
 from tasks.demo import generate_demo_region
 from tasks.store.artifacts import geo_parts, read_table
 from tasks.store.versions import VersionStore
+from tests.crs_spelling import assert_crs_spelled_as_fresh_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,13 @@ def test_consensus_rasters_align_with_site_grids(refreshed):
         inside = ~pd.isna(prob)
         assert inside.mean() > 0.9
         assert ((risk[inside] >= 0) & (risk[inside] <= 0.5)).all()
+
+
+def test_every_geoparquet_file_spells_its_crs_as_a_new_process(refreshed):
+    """Each CRS is written with one definition whichever worker thread wrote the file (threads of Dask
+    workers have built EPSG codes without their datum ensemble after a refresh ran through them)."""
+    _, store, _, _ = refreshed
+    assert assert_crs_spelled_as_fresh_process(store.dir) > 10
 
 
 def test_second_refresh_reproduces_the_first(refreshed):

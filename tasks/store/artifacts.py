@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from geopandas.io.arrow import _geopandas_to_arrow
 
 from schemas.tables import TABLES, SchemaViolation, validate
-from tasks.store.geoparquet import covering_columns, parsed_crs, read_geoparquet
+from tasks.store.geoparquet import covering_columns, parsed_crs, read_geoparquet, with_crs
 
 _CHUNK = 1 << 20
 # Rows per Parquet row group. Tables are written sorted by their key (site_id first), so row-group
@@ -96,36 +96,37 @@ def write_table(
         if len(df) == 0:
             part = gpd.GeoDataFrame(df.drop(columns=["crs", CARRIED], errors="ignore"), geometry="geometry")
             validate(name, part)
-            files.append(_write_geo(part, path / "part-empty.parquet"))
+            files.append(_write_geo(part, path / "part-empty.parquet", None))
         for crs, part in df.groupby("crs", sort=True):
             out = path / crs_part_name(str(crs))
             loc = part[CARRIED].to_numpy(np.int64)
             part = gpd.GeoDataFrame(part.drop(columns=["crs", CARRIED]), geometry="geometry", crs=crs)
             if (loc < 0).all():
                 validate(name, part.reset_index(drop=True))
-                files.append(_write_geo(part, out))
+                files.append(_write_geo(part, out, str(crs)))
             else:
-                files.append(_write_with_carried(name, part, loc, carried.parts.get(str(crs)), changed, out))
+                carried_part = carried.parts.get(str(crs))
+                files.append(_write_with_carried(name, part, loc, carried_part, changed, out, str(crs)))
         return {"path": path.name, "rows": len(df), "checksum": bytes_hash(*(f.encode() for f in files))}
     validate(name, df)
     if spec.geometry:
-        checksum = _write_geo(df, path)
+        checksum = _write_geo(df, path, spec.geometry_crs)
     else:
         df.to_parquet(unshare(path), index=False, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         checksum = file_hash(path)
     return {"path": path.name, "rows": len(df), "checksum": checksum}
 
 
-def _write_geo(gdf: gpd.GeoDataFrame, path: Path) -> str:
-    gdf.to_parquet(
-        unshare(path),
-        index=False,
-        compression="zstd",
-        schema_version="1.1.0",
-        write_covering_bbox=True,
-        row_group_size=ROW_GROUP_ROWS,
-    )
+def _write_geo(gdf: gpd.GeoDataFrame, path: Path, crs: str | None) -> str:
+    """``gdf.to_parquet`` in this module's dialect, its CRS (``gdf``'s, named by ``crs``) spelled by
+    ``crs_projjson`` so that the bytes never depend on the writing thread."""
+    pq.write_table(_geo_table(gdf, crs), unshare(path), compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return file_hash(path)
+
+
+def _geo_table(gdf: gpd.GeoDataFrame, crs: str | None) -> pa.Table:
+    table = _geopandas_to_arrow(gdf, index=False, schema_version="1.1.0", write_covering_bbox=True)
+    return with_crs(table, crs)
 
 
 _BBOX = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
@@ -169,7 +170,7 @@ def read_carried(path: str | Path, filters=None) -> tuple[pd.DataFrame, CarriedR
 
 
 def _write_with_carried(
-    name: str, part: gpd.GeoDataFrame, loc: np.ndarray, kept: pa.Table | None, changed, out: Path
+    name: str, part: gpd.GeoDataFrame, loc: np.ndarray, kept: pa.Table | None, changed, out: Path, crs: str
 ) -> str:
     """One CRS part of ``write_table`` with carried rows: fresh rows converted as geopandas converts
     them, carried geometry and bbox taken from ``kept``, the rows in ``part``'s order."""
@@ -180,7 +181,7 @@ def _write_with_carried(
     validate(name, new)
     _validate_columns(name, pd.DataFrame(part.drop(columns="geometry")), [*changed])
     # geopandas' own conversion of the fresh rows (also what gives the schema and metadata skeleton)
-    fresh_table = _geopandas_to_arrow(new, index=False, schema_version="1.1.0", write_covering_bbox=True)
+    fresh_table = _geo_table(new, crs)
     attrs = pd.DataFrame(part.copy(deep=False))
     attrs["geometry"] = None
     table = pa.Table.from_pandas(attrs, preserve_index=False)

@@ -1,5 +1,4 @@
-"""Arrow tables with GeoParquet metadata → GeoDataFrames, as ``geopandas.read_parquet`` builds them, with
-each distinct CRS parsed once per process.
+"""GeoParquet CRS metadata: parsed once per process when read, spelled the same by every writer.
 
 PROJ takes ~15 ms to parse a PROJJSON CRS (the form GeoParquet stores), more than reading one batch's rows
 of a table; a version's tables share a handful of CRSs, and a reprocess reads a hundred small slices.
@@ -7,7 +6,10 @@ of a table; a version's tables share a handful of CRSs, and a reprocess reads a 
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +39,44 @@ def parsed_crs(crs: dict | str | None) -> CRS | None:
         _remove_id_from_member_of_ensembles(crs)  # what geopandas does before parsing
         return _parsed(json.dumps(crs, sort_keys=True), True)
     return _parsed(str(crs), False)
+
+
+_DEFINITIONS: dict[str, dict] = {}
+_DEFINITIONS_LOCK = threading.Lock()
+
+
+def crs_projjson(crs: str) -> dict:
+    """The PROJJSON a GeoParquet file of CRS ``crs`` (text: "EPSG:32630", WKT, ...) carries, as geopandas
+    writes it (ensemble members without ids), and the same whichever thread or process asks.
+
+    pyproj gives each thread its own PROJ context, and threads of long-lived Dask workers have been seen,
+    after a refresh ran through them, to build authority codes from PROJ's database without their datum
+    ensemble (EPSG:32630 and EPSG:4326 came back with a plain WGS 84 ``datum``, as if read from WKT1),
+    while a new thread of the same process, and every fresh process, built the ensemble; parsing a
+    PROJJSON text stayed right in those threads. Files written with the writing thread's definition then
+    changed bytes with the worker's history, and every key hashed from them with it (a one-site reprocess
+    recomputed all sites). So the definition is built once per process in a new thread (a new context)
+    and every writer uses that text."""
+    with _DEFINITIONS_LOCK:
+        if crs not in _DEFINITIONS:
+            with ThreadPoolExecutor(1, thread_name_prefix="crs-definition") as pool:
+                _DEFINITIONS[crs] = pool.submit(_fresh_projjson, crs).result()
+        return copy.deepcopy(_DEFINITIONS[crs])
+
+
+def _fresh_projjson(crs: str) -> dict:
+    out = CRS.from_user_input(crs).to_json_dict()
+    _remove_id_from_member_of_ensembles(out)  # what geopandas writes
+    return out
+
+
+def with_crs(table: pa.Table, crs: str | None) -> pa.Table:
+    """``table`` (GeoParquet metadata from geopandas) with its primary geometry column's CRS spelled by
+    :func:`crs_projjson` (None: unknown CRS, written as null)."""
+    geo = geo_metadata(table.schema)
+    geo["columns"][geo["primary_column"]]["crs"] = None if crs is None else crs_projjson(crs)
+    metadata = dict(table.schema.metadata) | {b"geo": json.dumps(geo).encode("utf-8")}
+    return table.replace_schema_metadata(metadata)
 
 
 def geo_metadata(schema: pa.Schema) -> dict:
