@@ -117,9 +117,13 @@ def run_refresh(
     reuse: bool = True,
     refit: bool = True,
 ) -> dict:
-    """Run ``refresh`` on a Dask cluster with a Prefect API the workers can reach."""
+    """Run ``refresh`` on a Dask cluster with a Prefect API the workers can reach.
+
+    Another refresh holding the root's lock is refused (after ``lock_wait_s``) before a Prefect server or a
+    Dask cluster is started for nothing; the flow still takes the lock itself."""
     from flows.runtime import prefect_api, task_runner
 
+    VersionStore(load_catalog(catalog_path).root_path).ensure_unlocked(lock_wait_s)
     with prefect_api():
         runner = task_runner(dask_address, n_workers)
         return refresh.with_options(task_runner=runner)(

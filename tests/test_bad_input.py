@@ -444,7 +444,9 @@ def _publish_first_version(cat_path: Path) -> str:
     return draft.version_id
 
 
-def _refresh_command(cat_path: Path) -> subprocess.CompletedProcess:
+def _refresh_command(cat_path: Path, topology) -> subprocess.CompletedProcess:
+    """``labelrefinery refresh`` as a user runs it against a running Prefect server (the session's, which
+    spares each run a temporary server's start; the refresh still starts its own Dask cluster)."""
     exe = Path(sys.executable).with_name("labelrefinery")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
     return subprocess.run(
@@ -453,7 +455,7 @@ def _refresh_command(cat_path: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
         cwd=cat_path.parent,
-        env={**os.environ, "COLUMNS": "250"},
+        env={**topology.env, "COLUMNS": "250"},
     )
 
 
@@ -469,24 +471,24 @@ def _assert_nothing_published(cat_path: Path, before: list[str]) -> None:
     assert not [p for p in store.dir.iterdir() if p.name.startswith(DRAFT_PREFIX)]
 
 
-def test_cli_duplicate_assignment(region):
+def test_cli_duplicate_assignment(region, topology):
     first = _publish_first_version(region)
     path = _inputs(region) / "assignments.csv"
     row = _append_csv_row(path, path.read_text(encoding="utf-8").splitlines()[6])
-    result = _refresh_command(region)
+    result = _refresh_command(region, topology)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"error: {path}: row {row}: duplicate site_id=" in result.stderr
     assert "(first seen at row 6)" in result.stderr
     _assert_nothing_published(region, [first])
 
 
-def test_cli_truncated_geotiff(region):
+def test_cli_truncated_geotiff(region, topology):
     """The read fails inside the Dask graph on a worker; the user still gets the file and exit code 2."""
     first = _publish_first_version(region)
     scene = _inputs(region) / "imagery" / "scene_000.tif"
     data = scene.read_bytes()
     scene.write_bytes(data[: len(data) // 2])
-    result = _refresh_command(region)
+    result = _refresh_command(region, topology)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"error: {scene}: corrupt" in result.stderr
     _assert_nothing_published(region, [first])

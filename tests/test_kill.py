@@ -45,7 +45,7 @@ def _live_members(pgid: int) -> list[int]:
 
 
 def test_kill_9_mid_refresh_then_recover(make_catalog, tmp_path):
-    cat_path = make_catalog(tmp_path / "region")
+    cat_path = make_catalog(tmp_path / "region", settings={"learn": {"steps": 20}})  # a short model
     catalog = load_catalog(cat_path)
     store = VersionStore(catalog.root_path)
     with store.lock():

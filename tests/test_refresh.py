@@ -29,6 +29,7 @@ def refreshed(tmp_path_factory):
     generate_demo_region(root, scale=1, seed=3, sites_per_side=3)
     catalog = yaml.safe_load((REPO / "data_catalog.yaml").read_text())
     catalog["root"] = "."
+    catalog["settings"]["learn"] = {"steps": 20}  # the flow's wiring is under test, not the model
     (root / "data_catalog.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
     configure_environment(root)
     first = run_refresh(str(root / "data_catalog.yaml"))

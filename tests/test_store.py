@@ -366,11 +366,17 @@ def test_second_lock_from_another_process_is_refused(tmp_path):
         with pytest.raises(RefreshLocked), store.lock(wait_s=1.0):
             pass
         assert time.monotonic() - t0 >= 1.0
+        with pytest.raises(RefreshLocked, match="another refresh is running"):
+            store.ensure_unlocked()  # what run_refresh asks before starting a server and a cluster
     finally:
         proc.kill()
         proc.wait()
     with VersionStore(root).lock():  # the OS drops the lock of a killed holder
         assert (root / ".refresh.lock").read_text() == f"pid {os.getpid()}\n"
+    VersionStore(root).ensure_unlocked()  # free: returns without holding it
+    proc = _hold_lock(root, 30)  # another process can take it at once
+    proc.kill()
+    proc.wait()
 
 
 def test_lock_waits_for_the_holder(tmp_path):

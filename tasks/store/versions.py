@@ -133,6 +133,12 @@ class VersionStore:
         finally:
             fh.close()
 
+    def ensure_unlocked(self, wait_s: float = 0.0) -> None:
+        """Raise :class:`RefreshLocked` now (after waiting up to ``wait_s`` seconds) when another refresh
+        holds the lock; otherwise return without holding it."""
+        with self.lock(wait_s):
+            pass
+
     def remove_stale_drafts(self) -> list[str]:
         """Delete drafts left by killed runs; call only while holding :meth:`lock`."""
         removed = []
