@@ -13,6 +13,7 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 import shapely
+from pyproj import CRS
 
 from schemas.catalog import load_catalog
 from tasks.ingest import labels as labels_mod
@@ -322,6 +323,9 @@ def test_raw_keys_follow_content_not_file_layout(published):
     assert _diff(keys(moved), base) == {gdf["site_id"].iloc[0]}
     extra = gdf.assign(note="x")  # a column normalisation does not read
     assert keys(extra) == base
+    wkt1 = CRS.from_wkt(gdf.crs.to_wkt("WKT1_GDAL"))  # the same CRS spelled without its datum ensemble
+    assert wkt1 == gdf.crs and wkt1.to_wkt() != gdf.crs.to_wkt()
+    assert keys(gdf.set_crs(wkt1, allow_override=True)) == base
 
     transforms = [[float(v) for v in t] for t in grids["transform"]]
     transforms[0][2] += 1.0  # the first site's grid moves by a metre

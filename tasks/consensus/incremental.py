@@ -60,7 +60,8 @@ def site_input_keys(
 ) -> dict[str, str]:
     """Input key of every site in ``site_ids`` (default: every site of ``sites`` with a label key, i.e.
     with assignments). ``label_keys``: ``site_label_keys`` of the sites' labels and assignments."""
-    src_crs = str(getattr(sites, "crs", None) or "EPSG:4326")
+    crs = getattr(sites, "crs", None)
+    src_crs = "EPSG:4326" if crs is None else crs.to_string()  # its name, not one thread's spelling of it
     common = content_key(
         src_crs, sorted(str(r) for r in reference_labellers), params_dump(params), code_key(*CODE_PACKAGES)
     )

@@ -46,7 +46,9 @@ def label_input_keys(
         code_key(*LABEL_CODE),
         _geometry_library_versions(),
         list(classes),
-        labels.crs.to_wkt() if len(labels) and labels.crs is not None else None,
+        # the CRS's name (authority code, else its definition), not its WKT: threads of long-lived workers
+        # may spell one CRS differently (tasks/store/geoparquet.crs_projjson)
+        labels.crs.to_string() if len(labels) and labels.crs is not None else None,
     )
     a_keys = _assignment_row_keys(assignments)
     l_keys = _label_row_keys(labels)

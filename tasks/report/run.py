@@ -215,7 +215,7 @@ def _figures(art: Artifacts, m: dict, scenes: dict, out: Path, rr: ReportReuse) 
     q, measures = m["quality"], {k: dict(MEASURES)[k] for k in COMPONENTS}
     lb, cons, props = m["labels"], m["consensus"], m["properties"]
     conf = m["pseudo_labels"].get("confidence_hist")
-    crs = str(getattr(sites, "crs", None))
+    crs = str(getattr(sites, "crs", None) and sites.crs.to_string())  # the CRS's name, however spelled
     # (draw, the data it reads: its key) -- only what the function reads, so unrelated changes of the
     # same metrics section do not redraw it
     specs = {
