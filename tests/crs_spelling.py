@@ -17,13 +17,19 @@ from geopandas.io.arrow import _geopandas_to_arrow
 out = {}
 for crs in sys.argv[1:]:
     t = _geopandas_to_arrow(gpd.GeoDataFrame(geometry=[shapely.Point(0, 0)], crs=crs), index=False)
-    out[crs] = json.loads(t.schema.metadata[b"geo"])["columns"]["geometry"]["crs"]
+    field = json.loads(t.schema.field("geometry").metadata[b"ARROW:extension:metadata"])["crs"]
+    out[crs] = [json.loads(t.schema.metadata[b"geo"])["columns"]["geometry"]["crs"], field]
 print(json.dumps(out))
 """
 
 
-def fresh_process_projjson(crs_texts) -> dict[str, dict]:
-    """CRS text -> the PROJJSON geopandas writes for it in a new process."""
+def fresh_process_projjson(crs_texts, field: bool = False) -> dict[str, dict]:
+    """CRS text -> the PROJJSON geopandas writes for it in a new process (in the ``geo`` metadata, or with
+    ``field`` in the geometry column's GeoArrow extension metadata)."""
+    return {k: v[int(field)] for k, v in _fresh_spellings(crs_texts).items()}
+
+
+def _fresh_spellings(crs_texts) -> dict[str, list]:
     texts = sorted(set(crs_texts))
     if not texts:
         return {}
@@ -34,8 +40,8 @@ def fresh_process_projjson(crs_texts) -> dict[str, dict]:
 
 
 def assert_crs_spelled_as_fresh_process(folder: str | Path) -> int:
-    """Every GeoParquet file under ``folder`` carries its CRS exactly as a new process writes it; returns
-    how many files were checked."""
+    """Every GeoParquet file under ``folder`` carries its CRS exactly as a new process writes it (file and
+    geometry column metadata); returns how many files were checked."""
     from tasks.store.geoparquet import parsed_crs
 
     found = {}
@@ -45,9 +51,15 @@ def assert_crs_spelled_as_fresh_process(folder: str | Path) -> int:
             continue
         geo = json.loads(meta[b"geo"])
         crs = geo["columns"][geo["primary_column"]].get("crs")
+        ext = pq.read_schema(path).field(geo["primary_column"]).metadata or {}
+        field = json.loads(ext.get(b"ARROW:extension:metadata", b"{}")).get("crs")
         if crs is not None:
-            found[path] = (parsed_crs(crs).to_string(), crs)
-    want = fresh_process_projjson(text for text, _ in found.values())
-    wrong = [f"{p}: {text}" for p, (text, crs) in found.items() if crs != want[text]]
+            found[path] = (parsed_crs(crs).to_string(), crs, field)
+    want = _fresh_spellings(text for text, *_ in found.values())
+    wrong = [
+        f"{p}: {text}"
+        for p, (text, crs, field) in found.items()
+        if crs != want[text][0] or field not in (None, want[text][1])
+    ]
     assert not wrong, "CRS spelled unlike a new process's:\n" + "\n".join(wrong)
     return len(found)

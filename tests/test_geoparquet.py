@@ -82,3 +82,28 @@ def test_a_version_with_another_spelling_is_caught(tmp_path):
     _frame(wkt1).to_parquet(tmp_path / "sub" / "bad.parquet", schema_version="1.1.0", index=False)
     with pytest.raises(AssertionError, match="bad.parquet"):
         assert_crs_spelled_as_fresh_process(tmp_path)
+
+
+def test_the_geometry_columns_own_crs_is_spelled_as_a_fresh_process_too(tmp_path):
+    """GeoArrow puts the CRS in the geometry column's metadata as well; ``geo_table`` spells it as a new
+    process does even when the frame's CRS object is spelled otherwise (an equal CRS from WKT1), and the
+    version check looks at it."""
+    import pyarrow.parquet as pq
+    from pyproj import CRS
+
+    from tasks.store.artifacts import geo_table
+    from tests.crs_spelling import assert_crs_spelled_as_fresh_process, fresh_process_projjson
+
+    wkt1 = CRS.from_wkt(CRS("EPSG:32630").to_wkt("WKT1_GDAL"))
+    table = geo_table(_frame(wkt1), "EPSG:32630")
+    field = json.loads(table.schema.field("geometry").metadata[b"ARROW:extension:metadata"])["crs"]
+    assert field == fresh_process_projjson(["EPSG:32630"], field=True)["EPSG:32630"]
+    pq.write_table(table, tmp_path / "good.parquet")
+    assert_crs_spelled_as_fresh_process(tmp_path)
+    ext = {b"ARROW:extension:name": b"geoarrow.wkb",
+           b"ARROW:extension:metadata": json.dumps({"crs": wkt1.to_json_dict()}).encode()}  # fmt: skip
+    i = table.schema.get_field_index("geometry")
+    bad = table.set_column(i, table.schema.field(i).with_metadata(ext), table.column(i))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(AssertionError, match="bad.parquet"):
+        assert_crs_spelled_as_fresh_process(tmp_path)

@@ -240,10 +240,11 @@ def test_missing_upstream_keys_and_changed_parameters_recompute(v1, demo_root):
     assert res.counts["label_issues_reused"] == 0 and res.counts["label_issues_stats_recomputed"] > 0
 
 
-def test_previous_rows_missing_or_not_carriable_are_recomputed_or_decoded(v1):
-    """A site whose rows the previous version lacks is recomputed (after the others were computed); a
-    previous label_issues part that cannot be copied as written (no bbox covering) is read decoded. Either
-    way the tables equal the previous version's (same inputs)."""
+def test_previous_rows_missing_or_not_streamable_are_recomputed(v1):
+    """A site whose rows the previous version lacks is recomputed (after the others were computed); so are
+    the sites of a previous label_issues part that cannot be streamed as written (here: rewritten by
+    geopandas, without the recorded sort order and bbox covering). Either way the tables equal the
+    previous version's (same inputs)."""
     prev, catalog = v1["vdir"], v1["catalog"]
     ai = read_table(prev / "assignment_issues.parquet")
     site = sorted(set(read_keys(prev, "label_issues")) - {EDITED})[1]
@@ -251,13 +252,15 @@ def test_previous_rows_missing_or_not_carriable_are_recomputed_or_decoded(v1):
     shutil.copytree(prev, lacking)
     one = ai.index[ai["site_id"] == site][:1]
     write_table("assignment_issues", ai.drop(one), lacking / "assignment_issues.parquet")
-    nobbox = v1["root"] / "versions" / "f_nobbox"
-    shutil.copytree(prev, nobbox)
-    for part in sorted((nobbox / "label_issues").glob("*.parquet")):
+    rewritten = v1["root"] / "versions" / "f_rewritten"
+    shutil.copytree(prev, rewritten)
+    for part in sorted((rewritten / "label_issues").glob("*.parquet")):
         gdf = gpd.read_parquet(part)
         part.unlink()
         gdf.to_parquet(part, index=False, schema_version="1.1.0")
-    for previous, recomputed in ((lacking, {site}), (nobbox, set())):
+    with_rows = set(read_table(prev / "label_issues")["site_id"])
+    assert site in with_rows and len(with_rows) < len(read_keys(prev, "label_issues"))
+    for previous, recomputed in ((lacking, {site}), (rewritten, with_rows)):
         vdir = _base(prev, v1["root"] / "versions" / f"g_{previous.name}")
         res = run_label_issues_stage(catalog, vdir, Reuse(str(previous), refit=False))
         assert res.counts["label_issues_recomputed"] == len(recomputed) and _computed_here(vdir) == recomputed

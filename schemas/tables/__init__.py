@@ -7,6 +7,8 @@ stage that writes the tables; ``core`` holds the building blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 import pandera.pandas as pa
 
@@ -61,14 +63,18 @@ class SchemaViolation(ValueError):
     """A table does not match its declared schema; the message names table, column, row and check."""
 
 
-def validate(name: str, df: pd.DataFrame) -> pd.DataFrame:
-    """Validate ``df`` against table ``name``; raise :class:`SchemaViolation` listing the first failures."""
+def validate(name: str, df: pd.DataFrame, later: Sequence[str] = ()) -> pd.DataFrame:
+    """Validate ``df`` against table ``name``; raise :class:`SchemaViolation` listing the first failures.
+    ``later``: columns filled in after ``df`` was made (e.g. global ranks), checked when they are."""
     spec = TABLES[name]
-    missing = [c for c in spec.columns if c not in df.columns]
+    missing = [c for c in spec.columns if c not in df.columns and c not in later]
     if missing:
         raise SchemaViolation(f"table {name!r}: missing columns {missing}")
+    schema = spec.pandera()
+    if later:
+        schema = schema.remove_columns([c for c in later if c in schema.columns])
     try:
-        spec.pandera().validate(df, lazy=True)
+        schema.validate(df, lazy=True)
     except pa.errors.SchemaErrors as exc:
         fc = exc.failure_cases.head(5)
         lines = [
@@ -84,3 +90,20 @@ def validate(name: str, df: pd.DataFrame) -> pd.DataFrame:
         if spec.geometry_crs and (df.crs is None or df.crs.to_string() != spec.geometry_crs):
             raise SchemaViolation(f"table {name!r}: geometry CRS must be {spec.geometry_crs}, got {df.crs}")
     return df
+
+
+def validate_columns(name: str, df: pd.DataFrame, columns: Sequence[str]) -> None:
+    """``validate`` restricted to ``columns`` and the table's key (unique over all of ``df``): for columns
+    added to rows whose others were validated before."""
+    schema = TABLES[name].pandera()
+    sub = pa.DataFrameSchema(
+        {c: schema.columns[c] for c in columns}, unique=schema.unique, strict=False, name=name
+    )
+    try:
+        sub.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        lines = [
+            f"column {r.column!r} row {r.index}: {r.check} (value {r.failure_case!r})"
+            for r in exc.failure_cases.head(5).itertuples()
+        ]
+        raise SchemaViolation(f"table {name!r} fails its schema:\n  " + "\n  ".join(lines)) from None

@@ -101,18 +101,36 @@ def score_tables(
     return li.reset_index(drop=True), ai
 
 
+RANK_ORDER = (["score", "site_id", "labeller_id", "issue_id"], [False, True, True, True])
+
+
+def issue_ranks(li: pd.DataFrame) -> np.ndarray:
+    """Each row's rank over all rows of ``li`` (needs score and the three ids): score descending, ties
+    broken by the unique ids, so the order is total and the same however the rows were gathered."""
+    order = li.sort_values(RANK_ORDER[0], ascending=RANK_ORDER[1]).index
+    ranks = pd.Series(np.arange(1, len(li) + 1, dtype=np.int64), index=order)
+    return ranks.reindex(li.index).to_numpy(np.int64)
+
+
 def rank_frames(
     li: pd.DataFrame, ai: pd.DataFrame, keep: Sequence[str] = ()
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ranks over the whole dataset (ties broken by the unique ids, so the order is total) and assignment
     totals, from ``score_tables`` frames (``rank`` / ``issue_score`` columns, if any, are recomputed).
     ``keep``: further columns of ``li`` to carry along (after the table's)."""
-    li = li.drop(columns="rank", errors="ignore")
-    li = li.sort_values(["score", "site_id", "labeller_id", "issue_id"], ascending=[False, True, True, True])
-    li["rank"] = np.arange(1, len(li) + 1, dtype=np.int64)
+    li = li.drop(columns="rank", errors="ignore").reset_index(drop=True)
+    li = li.assign(rank=issue_ranks(li)).sort_values("rank")
     floats = {c: float for c in ("score", "area_m2", "mean_p_field", "consensus_agreement")}
     li = li[[*ISSUE_COLUMNS, *keep]].astype(floats | {"n_pixels": np.int64})
+    return li.reset_index(drop=True), rank_assignments(ai, li)
+
+
+def rank_assignments(ai: pd.DataFrame, li: pd.DataFrame) -> pd.DataFrame:
+    """Assignment rows with ``issue_score`` (the sum of their issues' scores in ``li``, which needs only
+    site_id, labeller_id and score; issue_id for the order of summation) and their rank (1 = review
+    first)."""
     ai = ai.drop(columns=["rank", "issue_score"], errors="ignore")
+    li = li.sort_values(RANK_ORDER[0], ascending=RANK_ORDER[1])  # float sums in one order, however gathered
     totals = li.groupby(["site_id", "labeller_id"])["score"].sum().rename("issue_score").reset_index()
     ai = ai.merge(totals, on=["site_id", "labeller_id"], how="left").fillna({"issue_score": 0.0})
     ai = ai.sort_values(["issue_score", "flagged_fraction", "site_id", "labeller_id"], ascending=[0, 0, 1, 1])
@@ -120,4 +138,4 @@ def rank_frames(
     floats = [c for c in SUMMARY_COLUMNS if c.endswith("fraction")] + ["issue_score"]
     ints = ("n_issues", "n_pixels", *(f"n_{k}" for k in KINDS[:4]))
     dtypes = {c: float for c in floats} | {c: np.int64 for c in ints} | {"consensus_independent": bool}
-    return li.reset_index(drop=True), ai[SUMMARY_COLUMNS].astype(dtypes).reset_index(drop=True)
+    return ai[SUMMARY_COLUMNS].astype(dtypes).reset_index(drop=True)

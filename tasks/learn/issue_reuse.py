@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from tasks.learn.issue_ranking import ISSUE_COLUMNS
+from tasks.learn.issue_parts import PreviousParts, read_previous
 from tasks.learn.issue_sites import SiteWork
 from tasks.learn.pixel_issues import IssueParams, PixelCL, PixelStats, fit_pixel_cl, fit_summary
-from tasks.store.artifacts import CARRIED, CarriedRows, file_hash, read_carried
+from tasks.store.artifacts import file_hash
 from tasks.store.reuse import (
     Reuse,
     carry_close,
@@ -84,44 +83,30 @@ def choose_fit(
 
 def previous_site_rows(
     reuse: Reuse, li_uri: str, ai_uri: str, scored: list[SiteWork], reused: set[str]
-) -> tuple[pd.DataFrame | None, pd.DataFrame | None, CarriedRows | None, set[str]]:
-    """The previous version's label_issues and assignment_issues rows of the reusable scored sites, and
-    the reusable units left once sites whose rows are missing, incomplete or in another CRS than the
-    site's grid now are dropped (recomputed). The label_issues rows come as ``read_carried`` gives them
-    (geometry left as written, for ``write_table`` to copy); rows it cannot carry (a part it cannot
-    filter) come decoded, as fresh rows do."""
+) -> tuple[PreviousParts | None, pd.DataFrame | None, set[str]]:
+    """What the new version takes over from the previous one for the reusable scored sites: their
+    label_issues rows (light columns and the parts to stream them from, ``read_previous``), their
+    assignment_issues rows, and the reusable units left once sites whose rows are missing, incomplete,
+    in another CRS than the site's grid now, or in a part that cannot be streamed are dropped
+    (recomputed)."""
     ids = sorted(reused & {w.site_id for w in scored})
     if not ids:
-        return None, None, None, reused
+        return None, None, reused
     old_ai = previous_rows(reuse, ai_uri, ids)
-    old_li, carried = _previous_issue_rows(reuse, li_uri, ids)
-    if old_ai is None or old_li is None:
-        return None, None, None, reused - set(ids)
+    folder = reuse.previous / li_uri if reuse.previous is not None else None
+    if old_ai is None or folder is None or not folder.is_dir():
+        return None, None, reused - set(ids)
+    old = read_previous(folder, ids)
+    light = old.light
     have = old_ai.groupby("site_id")["labeller_id"].agg(lambda s: sorted(map(str, s))).to_dict()
     crs = {w.site_id: w.grid.crs for w in scored}
-    wrong_crs = (
-        set(old_li.loc[old_li["crs"] != old_li["site_id"].map(crs), "site_id"]) if len(old_li) else set()
-    )
+    wrong_crs = set(light.loc[light["crs"] != light["site_id"].map(crs), "site_id"]) if len(light) else set()
     ok = {
         w.site_id
         for w in scored
-        if w.site_id in ids and have.get(w.site_id) == sorted(w.labellers) and w.site_id not in wrong_crs
+        if w.site_id in ids
+        and have.get(w.site_id) == sorted(w.labellers)
+        and w.site_id not in wrong_crs | old.unusable
     }
-    old_ai = old_ai[old_ai["site_id"].isin(ok)]
-    old_li = old_li[old_li["site_id"].isin(ok)] if len(old_li) else old_li
-    if len(old_li) == 0:
-        old_li = pd.DataFrame(columns=[*ISSUE_COLUMNS, CARRIED])
-    return old_li, old_ai, carried, reused - (set(ids) - ok)
-
-
-def _previous_issue_rows(
-    reuse: Reuse, uri: str, ids: list[str]
-) -> tuple[pd.DataFrame | None, CarriedRows | None]:
-    path = reuse.previous / uri if reuse.previous is not None else None
-    if path is None or not path.is_dir():
-        return None, None
-    try:
-        return read_carried(path, filters=[("site_id", "in", ids)])
-    except (pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError):  # e.g. an untyped empty part
-        old = previous_rows(reuse, uri, ids)
-        return (None, None) if old is None else (old.assign(**{CARRIED: -1}), None)
+    old.light = light[light["site_id"].isin(ok)].reset_index(drop=True)
+    return old, old_ai[old_ai["site_id"].isin(ok)], reused - (set(ids) - ok)

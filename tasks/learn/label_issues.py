@@ -11,6 +11,7 @@ reprocess reads only the sites whose inputs (or the fit they used) changed; rank
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from schemas.catalog import Catalog
-from tasks.learn.issue_ranking import gold_records, rank_frames, rank_tables, score_tables
+from tasks.learn.issue_parts import LIGHT, StagedIssues, stage_rows, staging_folder, write_parts
+from tasks.learn.issue_ranking import gold_records, rank_assignments, rank_tables, score_tables
 from tasks.learn.issue_reuse import choose_fit, input_keys, previous_site_rows
 from tasks.learn.issue_sites import (
     SiteWork,
@@ -43,7 +45,7 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     fit_pixel_cl,
 )
-from tasks.store.artifacts import CARRIED, read_attributes, read_table, write_table
+from tasks.store.artifacts import read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
@@ -156,6 +158,42 @@ def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> 
             )
             summaries.append(summary)
     return issues, summaries
+
+
+def staged_issues_batch(
+    batch: list[SiteWork],
+    model: PixelCL,
+    params: IssueParams,
+    labeller_quality: pd.DataFrame | None,
+    source: str,
+    staging: str,
+    index: int,
+) -> tuple[StagedIssues, pd.DataFrame]:
+    """Pass 2 for a stage run: the batch's issue rows scored and written to ``staging`` (only their light
+    columns come back, so the task running the stage never holds the region's polygons) and its
+    assignment summaries."""
+    issues, summaries = issues_batch(batch, model, params)
+    li, ai = score_tables(issues, summaries, labeller_quality, source, model.thresholds, params)
+    return stage_rows(li, staging, index), ai
+
+
+def stage_issues(
+    parts: list[list[SiteWork]],
+    model: PixelCL,
+    params: IssueParams,
+    labeller_quality: pd.DataFrame | None,
+    source: str,
+    staging: Path,
+    start: int = 0,
+) -> tuple[list[StagedIssues], list[pd.DataFrame]]:
+    """``staged_issues_batch`` over batches on the active Dask scheduler (piece numbers from ``start``)."""
+    outs = dask.compute(
+        *[
+            dask.delayed(staged_issues_batch)(b, model, params, labeller_quality, source, str(staging), k)
+            for k, b in enumerate(parts, start)
+        ]
+    )
+    return [o[0] for o in outs], [o[1] for o in outs]
 
 
 def run_label_issues(
@@ -306,6 +344,17 @@ def run_label_issues_stage(
         )
     timings["stats"] = time.perf_counter() - t2
 
+    if source == "consensus":
+        notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
+    no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
+    if no_cons:
+        notes.append(f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels")
+    known = set(catalog.settings.label_classes)
+    if known and "label" in labels:
+        odd = sorted(set(labels["label"].dropna().astype(str)) - known)
+        if odd:
+            notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
+
     # pass 2: issue rows per site (unchanged units from the previous version), then ranks over all
     t3 = time.perf_counter()
     gold = gold_records(lq)
@@ -318,60 +367,55 @@ def run_label_issues_stage(
     }
     reused = reuse.reusable(STAGE, keys)
     li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
-    # the previous rows are read while the changed sites are computed; a site whose rows turn out to be
-    # missing there is computed after
-    with ThreadPoolExecutor(1) as pool:
-        previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
-        changed = [w for w in scored if w.site_id not in reused]
-        issues, summaries = collect_issues(light_batches(_batches(changed, size), labels_path), model, params)
-        old_li, old_ai, kept_geoms, reused = previous.result()
-    done = {w.site_id for w in changed}
-    if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
-        extra = collect_issues(light_batches(_batches(more, size), labels_path), model, params)
-        issues, summaries = issues + extra[0], summaries + extra[1]
-    li, ai = score_tables(issues, summaries, lq, source, model.thresholds, params)
-    li[CARRIED] = -1  # fresh rows; taken-over ones point at their geometry as written (write_table)
-    if old_li is not None:
-        li = pd.concat([li, old_li[li.columns]], ignore_index=True) if len(old_li) else li
-        ai = pd.concat([ai, old_ai[ai.columns]], ignore_index=True) if len(old_ai) else ai
-    li, ai = rank_frames(li, ai, keep=[CARRIED])
-    timings["issues"] = time.perf_counter() - t3
+    staging = staging_folder(version_dir, li_uri)
+    try:
+        # the previous rows are read while the changed sites are computed; a site whose rows turn out to
+        # be missing there (or not streamable) is computed after
+        with ThreadPoolExecutor(1) as pool:
+            previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
+            changed = [w for w in scored if w.site_id not in reused]
+            batches = light_batches(_batches(changed, size), labels_path)
+            staged, ai_parts = stage_issues(batches, model, params, lq, source, staging)
+            old, old_ai, reused = previous.result()
+        done = {w.site_id for w in changed}
+        if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
+            batches = light_batches(_batches(more, size), labels_path)
+            extra = stage_issues(batches, model, params, lq, source, staging, start=len(staged))
+            staged, ai_parts = staged + extra[0], ai_parts + extra[1]
+        lights = [s.light for s in staged] + ([old.light] if old is not None else [])
+        light = pd.concat([x for x in lights if len(x)] or [pd.DataFrame(columns=LIGHT)], ignore_index=True)
+        ai_frames = [a for a in [*ai_parts, old_ai] if a is not None and len(a)]
+        ai = pd.concat(ai_frames, ignore_index=True) if ai_frames else score_tables([], [], lq, source)[1]
+        ai = rank_assignments(ai, light)
+        timings["issues"] = time.perf_counter() - t3
 
-    t4 = time.perf_counter()
-    if source == "consensus":
-        notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
-    no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
-    if no_cons:
-        notes.append(f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels")
-    known = set(catalog.settings.label_classes)
-    if known and "label" in labels:
-        odd = sorted(set(labels["label"].dropna().astype(str)) - known)
-        if odd:
-            notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
-    # the big table's write (mostly Parquet encoding, which frees the GIL) overlaps the others'
-    with ThreadPoolExecutor(1) as pool:
-        li_done = pool.submit(write_table, "label_issues", li, version_dir / li_uri, kept_geoms, ["rank"])
-        ai_record = write_table("assignment_issues", ai, version_dir / ai_uri)
-        stats_record = write_stats(
-            version_dir / stats_uri,
-            stats_uri,
-            scored_inputs,
-            site_hists,
-            prev_stats,
-            pooled,
-            total,
-            params.n_bins,
-            params.stats_part_sites,
-        )
-        artifacts = {
-            "label_issues": li_done.result(),
-            "assignment_issues": ai_record,
-            "label_issue_stats": stats_record,
-        }
+        t4 = time.perf_counter()
+        # the big table's write (mostly Parquet encoding, which frees the GIL) overlaps the others'
+        with ThreadPoolExecutor(1) as pool:
+            li_done = pool.submit(write_parts, version_dir / li_uri, light, staged, old)
+            ai_record = write_table("assignment_issues", ai, version_dir / ai_uri)
+            stats_record = write_stats(
+                version_dir / stats_uri,
+                stats_uri,
+                scored_inputs,
+                site_hists,
+                prev_stats,
+                pooled,
+                total,
+                params.n_bins,
+                params.stats_part_sites,
+            )
+            artifacts = {
+                "label_issues": li_done.result(),
+                "assignment_issues": ai_record,
+                "label_issue_stats": stats_record,
+            }
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     artifacts[f"reuse_keys/{STAGE}"] = write_keys(version_dir, STAGE, keys, reused, reuse)
     timings["write"] = time.perf_counter() - t4
     counts = {
-        "label_issues": len(li),
+        "label_issues": len(light),
         "issue_assignments": len(ai),
         **reuse_counts(STAGE, len(keys), len(reused)),
         "label_issues_stats_recomputed": len(todo),

@@ -41,7 +41,7 @@ def parsed_crs(crs: dict | str | None) -> CRS | None:
     return _parsed(str(crs), False)
 
 
-_DEFINITIONS: dict[str, dict] = {}
+_DEFINITIONS: dict[str, tuple[dict, dict]] = {}
 _DEFINITIONS_LOCK = threading.Lock()
 
 
@@ -57,26 +57,41 @@ def crs_projjson(crs: str) -> dict:
     changed bytes with the worker's history, and every key hashed from them with it (a one-site reprocess
     recomputed all sites). So the definition is built once per process in a new thread (a new context)
     and every writer uses that text."""
+    return copy.deepcopy(_definitions(crs)[0])
+
+
+def _definitions(crs: str) -> tuple[dict, dict]:
+    """(GeoParquet PROJJSON, GeoArrow field PROJJSON) of ``crs``, built once per process in a new thread."""
     with _DEFINITIONS_LOCK:
         if crs not in _DEFINITIONS:
             with ThreadPoolExecutor(1, thread_name_prefix="crs-definition") as pool:
                 _DEFINITIONS[crs] = pool.submit(_fresh_projjson, crs).result()
-        return copy.deepcopy(_DEFINITIONS[crs])
+        return _DEFINITIONS[crs]
 
 
-def _fresh_projjson(crs: str) -> dict:
-    out = CRS.from_user_input(crs).to_json_dict()
-    _remove_id_from_member_of_ensembles(out)  # what geopandas writes
-    return out
+def _fresh_projjson(crs: str) -> tuple[dict, dict]:
+    full = CRS.from_user_input(crs).to_json_dict()  # what geopandas puts in the GeoArrow field metadata
+    out = copy.deepcopy(full)
+    _remove_id_from_member_of_ensembles(out)  # what geopandas writes in the GeoParquet metadata
+    return out, full
 
 
 def with_crs(table: pa.Table, crs: str | None) -> pa.Table:
     """``table`` (GeoParquet metadata from geopandas) with its primary geometry column's CRS spelled by
-    :func:`crs_projjson` (None: unknown CRS, written as null)."""
+    :func:`crs_projjson` (None: unknown CRS, written as null), in the file's ``geo`` metadata and in the
+    column's GeoArrow extension metadata (geopandas spells both in the writing thread)."""
     geo = geo_metadata(table.schema)
-    geo["columns"][geo["primary_column"]]["crs"] = None if crs is None else crs_projjson(crs)
+    name = geo["primary_column"]
+    geo["columns"][name]["crs"] = None if crs is None else crs_projjson(crs)
     metadata = dict(table.schema.metadata) | {b"geo": json.dumps(geo).encode("utf-8")}
-    return table.replace_schema_metadata(metadata)
+    table = table.replace_schema_metadata(metadata)
+    index = table.schema.get_field_index(name)
+    field = table.schema.field(index)
+    ext = dict(field.metadata or {})
+    if crs is not None and b"ARROW:extension:metadata" in ext:
+        ext[b"ARROW:extension:metadata"] = json.dumps({"crs": copy.deepcopy(_definitions(crs)[1])}).encode()
+        table = table.set_column(index, field.with_metadata(ext), table.column(index))
+    return table
 
 
 def geo_metadata(schema: pa.Schema) -> dict:
