@@ -5,7 +5,9 @@ Each run is exactly what a user runs — ``labelrefinery refresh --full --worker
 (temporary Prefect server, LocalCluster from infra/dask_local.yaml) — timed from outside; peak memory is
 the sampled RSS of that process and all its children (workers, server). Targets (issue #6): time linear in
 sites, memory flat, >= 1.6x speed-up from 1 to 2 workers.
-Usage: python benchmarks/bench_refresh_scaling.py [--scales 1 10] [--workers 1 2] [--base DIR]
+Usage: python benchmarks/bench_refresh_scaling.py [--scales 1 10] [--workers 1 2] [--base DIR] [--trace]
+(--trace: every process's RSS per sample, UTC-stamped, in <region>/refresh_w<N>_rss.tsv, to line up with
+the refresh log.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import TreeMemory, demo_region, machine  # noqa: E402
 
 
-def run_refresh(catalog: Path, workers: int) -> dict:
+def run_refresh(catalog: Path, workers: int, trace: bool = False) -> dict:
     cli = str(Path(sys.executable).parent / "labelrefinery")  # the installed entry point
     cmd = [cli, "refresh", "--catalog", str(catalog), "--full"]
     cmd += ["--workers", str(workers)]
@@ -32,7 +34,8 @@ def run_refresh(catalog: Path, workers: int) -> dict:
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        mem = TreeMemory(proc.pid, every_s=0.25)
+        trace_to = catalog.parent / f"refresh_w{workers}_rss.tsv" if trace else None
+        mem = TreeMemory(proc.pid, every_s=0.25, trace=trace_to)
         with mem.measure():
             rc = proc.wait()
         wall = time.perf_counter() - t0
@@ -57,13 +60,16 @@ def main() -> None:
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--base", type=Path, help="Folder for the regions (reused when present).")
+    ap.add_argument(
+        "--trace", action="store_true", help="Write each process's RSS per sample beside the refresh log."
+    )
     args = ap.parse_args()
     base = args.base or Path(tempfile.mkdtemp(prefix="bench_scaling_"))
     info = {"machine": machine(), "runs": []}
     for scale in args.scales:
         catalog = demo_region(base / f"x{scale}", scale)
         for w in args.workers:
-            r = {"scale": scale, **run_refresh(catalog, w)}
+            r = {"scale": scale, **run_refresh(catalog, w, args.trace)}
             info["runs"].append(r)
             print(f"{scale:>4}x {r['sites']:>6} sites  {w} worker(s): {r['wall_s']:7.1f} s, "
                   f"peak {r['peak_mib']:6.0f} MiB (each process's own peak: {r['role_peaks_mib']})  "

@@ -48,11 +48,13 @@ class TreeMemory:
     Prefect server; ``worker``: the largest Dask worker process; ``other``), so a growth can be traced.
     """
 
-    def __init__(self, root_pid: int | None = None, every_s: float = 0.2):
+    def __init__(self, root_pid: int | None = None, every_s: float = 0.2, trace: Path | None = None):
         self.proc = psutil.Process(root_pid)
         self.every_s = every_s
         self.peak = 0
         self.role_peaks: dict[str, int] = {}
+        self.trace = trace  # with a path: every sample's per-process RSS (UTC time, pid, role, MiB)
+        self._rows: list[str] = []
 
     def _role(self, p: psutil.Process) -> str:
         if p.pid == self.proc.pid:
@@ -72,6 +74,9 @@ class TreeMemory:
                 total += r
                 role = self._role(p)
                 self.role_peaks[role] = max(self.role_peaks.get(role, 0), r)
+                if self.trace is not None:
+                    now = time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() * 10) % 10}"
+                    self._rows.append(f"{now}\t{p.pid}\t{role}\t{r / 2**20:.0f}")
         return total
 
     @contextmanager
@@ -93,6 +98,8 @@ class TreeMemory:
         finally:
             stop.set()
             t.join()
+            if self.trace is not None:
+                self.trace.write_text("utc\tpid\trole\trss_mib\n" + "\n".join(self._rows) + "\n")
 
     @property
     def peak_mib(self) -> float:
