@@ -13,7 +13,8 @@ ISSUE_KINDS = (
 LABEL_ISSUES = TableSpec(
     "label_issues",
     "Pixel confident-learning issues of crowd assignments as regions, ranked over the dataset "
-    "(docs/label_issues.md); native CRS, one part per CRS (ranks are global: every reprocess rewrites it).",
+    "(docs/label_issues.md); native CRS, one part per CRS, rows sorted by site_id, labeller_id, issue_id "
+    "(sort by rank for the review queue; ranks are global: every reprocess rewrites the parts).",
     {
         "issue_id": _ids("site_id/labeller_id/ordinal within the assignment."),
         "site_id": _ids("Site."),
