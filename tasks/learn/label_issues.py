@@ -45,6 +45,7 @@ from tasks.learn.pixel_issues import (
     assignment_regions,
     fit_pixel_cl,
 )
+from tasks.memory import releasing_memory
 from tasks.store.artifacts import read_attributes, read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
@@ -97,6 +98,7 @@ def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
     return reduce(PixelStats.__add__, (site_stats(w, params) for w in batch), PixelStats.zeros(params.n_bins))
 
 
+@releasing_memory  # a Dask task: hand its freed pages back, so the worker tracks the current batch
 def site_stats_batch(
     batch: list[SiteWork], params: IssueParams
 ) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
@@ -160,6 +162,7 @@ def issues_batch(batch: list[SiteWork], model: PixelCL, params: IssueParams) -> 
     return issues, summaries
 
 
+@releasing_memory
 def staged_issues_batch(
     batch: list[SiteWork],
     model: PixelCL,
