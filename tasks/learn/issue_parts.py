@@ -1,7 +1,7 @@
 """The ``label_issues`` folder written in pieces: memory O(batch), not O(dataset).
 
 Each pass-2 batch scores its rows and writes them, in site order, to a staging folder, returning only
-what ranking needs (ids, score, CRS, bbox and geometry type: a few dozen bytes a row). Ranks are computed
+what ranking needs (ids, score, CRS, bbox and geometry type: ~140 bytes a row in memory). Ranks are computed
 over those light rows, and each CRS part (``part-<crs>.parquet``) is then streamed from the staged pieces
 and, on a reprocess, from the previous version's part (the unchanged sites' rows, never decoded), merged
 by site, a row group at a time (``tasks/store/sorted_parts``).
