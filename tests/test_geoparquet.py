@@ -107,3 +107,17 @@ def test_the_geometry_columns_own_crs_is_spelled_as_a_fresh_process_too(tmp_path
     pq.write_table(bad, tmp_path / "bad.parquet")
     with pytest.raises(AssertionError, match="bad.parquet"):
         assert_crs_spelled_as_fresh_process(tmp_path)
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_attributes_leave_geometry_bbox_and_excluded_columns_unread(tmp_path, folder):
+    from tasks.store.artifacts import read_attributes
+
+    path = tmp_path / ("parts" if folder else "t.parquet")
+    target = path / "part.parquet" if folder else path
+    target.parent.mkdir(exist_ok=True)
+    _frame("EPSG:32630").to_parquet(target, schema_version="1.1.0", write_covering_bbox=True, index=False)
+    full = read_attributes(path)
+    assert list(full.columns) == ["site_id", "n", "label", *(["crs"] if folder else [])]
+    fewer = read_attributes(path, exclude=("label",))
+    assert "label" not in fewer and fewer.equals(full.drop(columns="label"))

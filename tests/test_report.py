@@ -376,3 +376,38 @@ def test_trend_chart_stays_small_over_a_year_of_versions(tmp_path):
     ticks = re.findall(r"<text[^>]*>(\d+)</text>", svg)
     assert len(svg) < 250_000 and 0 < len(ticks) <= len(TREND) * 10
     assert max(map(int, ticks)) <= 300
+
+
+def _scene(path: Path, values: np.ndarray, nodata: float | None = None) -> str:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands, h, w = values.shape
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": bands, "dtype": "float32"}
+    profile.update(crs="EPSG:32630", transform=from_origin(500000, 4000000, 10, 10), nodata=nodata)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(values.astype(np.float32))
+    return str(path)
+
+
+def test_band_histograms_read_a_fixed_pixel_budget_over_any_number_of_scenes(tmp_path):
+    """The report's memory stays flat in the number of scenes: all reads together hold <= budget pixels."""
+    from tasks.report.imagery import band_histograms, histogram_side
+
+    rng = np.random.default_rng(3)
+    paths = {}
+    for i in range(12):
+        values = rng.normal(100 + i, 5, size=(2, 120, 120))
+        values[:, :10, :] = -9999  # nodata rows are not counted
+        paths[f"s{i}"] = _scene(tmp_path / f"s{i}.tif", values, nodata=-9999)
+    full = band_histograms(paths)  # the default budget holds every pixel: nothing is upsampled
+    assert [h["pixels"] for h in full] == [12 * 110 * 120] * 2
+    budget = 12 * 60 * 60
+    assert histogram_side(12, budget) == 60
+    small = band_histograms(paths, budget=budget)
+    assert all(0 < h["pixels"] <= budget for h in small)
+    assert all(h["pixels"] == 12 * 55 * 60 for h in small)  # every scene read at 60 px, nodata dropped
+    for a, b in zip(full, small, strict=True):  # a decimated read keeps the distribution
+        centres = [np.repeat(h["edges"][:-1], h["counts"]) for h in (a, b)]
+        assert a["band"] == b["band"] and abs(np.median(centres[0]) - np.median(centres[1])) < 1.0
+    assert histogram_side(8) == 512 and histogram_side(200) < 128 and histogram_side(10**6) == 16

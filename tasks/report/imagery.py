@@ -6,6 +6,8 @@ costs seconds, not a full read of every scene.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
@@ -43,14 +45,26 @@ def scene_footprints(paths: dict[str, str]) -> list[tuple[str, object]]:
     return out
 
 
-def band_histograms(paths: dict[str, str], bins: int = 64) -> list[dict]:
-    """Histogram of each band over the valid pixels of every scene, on decimated reads (overviews)."""
-    side = 512 if len(paths) <= 8 else 256
+# Pixels per band that the band histograms read over all scenes together (each scene decimated to its share).
+# A fixed budget keeps the report stage's memory flat in the number of scenes: a 512-px read per scene of a
+# 100x region's 200 scenes would hold ~0.4 GiB of float32 pixels at once.
+HISTOGRAM_PIXELS = 2**21
+
+
+def histogram_side(n_scenes: int, budget: int = HISTOGRAM_PIXELS) -> int:
+    """Longest side of each scene's decimated read: 512 px up to 8 scenes, then shrinking (>= 16 px)."""
+    return max(16, min(512, math.isqrt(budget // max(1, n_scenes))))
+
+
+def band_histograms(paths: dict[str, str], bins: int = 64, budget: int = HISTOGRAM_PIXELS) -> list[dict]:
+    """Histogram of each band over the valid pixels of every scene, on decimated reads (overviews) that
+    together read at most ``budget`` pixels per band (a scene smaller than its share is read as it is)."""
+    side = histogram_side(len(paths), budget)
     arrays, names = [], None
     for path in paths.values():
         try:
             with rasterio.open(path) as ds:
-                scale = max(ds.width, ds.height) / side
+                scale = max(1.0, max(ds.width, ds.height) / side)
                 shape_ = (ds.count, max(1, round(ds.height / scale)), max(1, round(ds.width / scale)))
                 a = ds.read(out_shape=shape_, resampling=Resampling.nearest).reshape(ds.count, -1)
                 names = names or [d or f"b{i + 1}" for i, d in enumerate(ds.descriptions)]

@@ -31,6 +31,10 @@ OPTIONAL = frozenset(DEFAULT_URIS) | {
     "item_confusion",
 }
 
+# Per-row detail the report never shows (label_issues' JSON evidence: ~70 % of that table's memory);
+# ``Artifacts.attributes`` leaves it unread, ``site_rows`` still reads it for the few sites drawn.
+DETAIL_COLUMNS = ("evidence",)
+
 
 class Artifacts:
     """Lazy, cached access to one version folder's tables by catalog name."""
@@ -79,8 +83,9 @@ class Artifacts:
         return df
 
     def attributes(self, name: str) -> pd.DataFrame | None:
-        """The table without its geometry (for aggregates; decoding every polygon is most of a read),
-        in ``table``'s row order; ``table`` when it is already loaded or has no geometry."""
+        """The table without its geometry (for aggregates; decoding every polygon is most of a read) and
+        without ``DETAIL_COLUMNS``, in ``table``'s row order; ``table`` when it is already loaded or has no
+        geometry."""
         if name in self._cache:
             return self._cache[name]
         key = f"{name}#attributes"
@@ -89,7 +94,7 @@ class Artifacts:
         if not self.exists(name):
             return self.table(name)  # None (recorded missing) or the error of a required artifact
         try:
-            df = read_attributes(self.path(name))
+            df = read_attributes(self.path(name), exclude=DETAIL_COLUMNS)
         except Exception:  # noqa: BLE001 - let ``table`` record (or raise) what is wrong with it
             return self.table(name)
         if df is None:

@@ -139,10 +139,10 @@ def geo_parts(df: pd.DataFrame) -> dict[str, gpd.GeoDataFrame]:
     }
 
 
-def read_attributes(path: Path) -> pd.DataFrame | None:
+def read_attributes(path: Path, exclude: tuple[str, ...] = ()) -> pd.DataFrame | None:
     """A GeoParquet table (file, or folder of parts as ``read_table`` reads it) without its geometry and
-    bounding-box columns, in ``read_table``'s row order: for aggregates and planning, where decoding every
-    polygon would be most of the read. None when it is not GeoParquet."""
+    bounding-box columns (and ``exclude``), in ``read_table``'s row order: for aggregates and planning,
+    where decoding every polygon would be most of the read. None when it is not GeoParquet."""
     parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     frames = []
     for part in parts:
@@ -150,7 +150,7 @@ def read_attributes(path: Path) -> pd.DataFrame | None:
         if b"geo" not in meta:
             return None
         geo = json.loads(meta[b"geo"])
-        skip = set(geo.get("columns", {})) | {geo.get("primary_column")} | covering_columns(geo)
+        skip = {*geo.get("columns", {}), geo.get("primary_column"), *covering_columns(geo), *exclude}
         names = [n for n in pq.read_schema(part).names if n not in skip]
         df = pq.read_table(part, columns=names).to_pandas()
         if path.is_dir():  # read_table names each part's CRS
