@@ -27,8 +27,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two test processes (pytest-xdist), whole files each, so a module's fixtures are built once: the suite
+# spends much of its time waiting on servers and worker processes, and CI has two cores.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

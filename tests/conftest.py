@@ -37,6 +37,26 @@ def _write_catalog(folder: Path, **overrides) -> Path:
     return path
 
 
+# Files that each run whole refreshes (minutes): collected first, so that under `make test`'s two
+# pytest-xdist processes they start at once instead of one of them finishing the suite alone.
+LONGEST_FIRST = (
+    "test_operations.py",
+    "test_refresh.py",
+    "test_kill.py",
+    "test_topology.py",
+    "test_learn_stage.py",
+    "test_bad_input.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_prefect(tmp_path_factory) -> Iterator[None]:
     """No telemetry, a patient ephemeral server and a throwaway PREFECT_HOME for every test."""

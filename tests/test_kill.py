@@ -44,7 +44,9 @@ def _live_members(pgid: int) -> list[int]:
     return live
 
 
-def test_kill_9_mid_refresh_then_recover(make_catalog, tmp_path):
+def test_kill_9_mid_refresh_then_recover(make_catalog, tmp_path, topology):
+    """Both refreshes talk to the session's Prefect server (as production runs do), which spares each a
+    temporary server's start; the killed one's own Dask cluster dies with its process group."""
     cat_path = make_catalog(tmp_path / "region", settings={"learn": {"steps": 20}})  # a short model
     catalog = load_catalog(cat_path)
     store = VersionStore(catalog.root_path)
@@ -62,7 +64,8 @@ def test_kill_9_mid_refresh_then_recover(make_catalog, tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=cat_path.parent,
-        start_new_session=True,  # its own process group: the Prefect server and Dask workers die with it
+        env=topology.env,
+        start_new_session=True,  # its own process group: its Dask workers die with it
     )
     try:
         deadline = time.monotonic() + 240
@@ -99,7 +102,7 @@ def test_kill_9_mid_refresh_then_recover(make_catalog, tmp_path):
         text=True,
         timeout=300,
         cwd=cat_path.parent,
-        env={**os.environ, "COLUMNS": "250"},
+        env={**topology.env, "COLUMNS": "250"},
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

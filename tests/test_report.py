@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import dask
@@ -78,9 +77,8 @@ def build_report_versions(tmp: Path, demo_root: Path, second: bool = True) -> di
             "stage_timings": {"ingest": ing.timings, "consensus": con.timings},
         }
         (vdir / "manifest.json").write_text(json.dumps({"created_at": f"2026-01-0{k + 1}T00:00:00Z"}))
-        t0 = time.perf_counter()
         res = run_report_stage(cat, vdir, prev, provenance=prov)
-        out["versions"].append({"dir": vdir, "result": res, "seconds": time.perf_counter() - t0})
+        out["versions"].append({"dir": vdir, "result": res})
         prev = vdir
     build_reports_index(root)
     return out
@@ -195,7 +193,6 @@ def test_assets_local_and_sizes_within_limits(built):
                 assert (page.parent / ref).resolve().exists(), (page.name, ref)
         css = (site / "assets" / "style.css").read_text(encoding="utf-8")
         assert "url(" not in css and "@import" not in css
-        assert v["seconds"] < 30
         assert len(list((site / "thumbs").glob("*.png"))) > 10
 
 
