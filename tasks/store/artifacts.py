@@ -146,12 +146,13 @@ def read_attributes(path: Path, exclude: tuple[str, ...] = ()) -> pd.DataFrame |
     parts = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     frames = []
     for part in parts:
-        meta = pq.read_schema(part).metadata or {}
+        schema = pq.read_schema(part)  # the footer, read once
+        meta = schema.metadata or {}
         if b"geo" not in meta:
             return None
         geo = json.loads(meta[b"geo"])
         skip = {*geo.get("columns", {}), geo.get("primary_column"), *covering_columns(geo), *exclude}
-        names = [n for n in pq.read_schema(part).names if n not in skip]
+        names = [n for n in schema.names if n not in skip]
         df = pq.read_table(part, columns=names).to_pandas()
         if path.is_dir():  # read_table names each part's CRS
             df["crs"] = part_crs(geo)
