@@ -11,11 +11,13 @@ from pathlib import Path
 import geopandas as gpd
 import pandas as pd
 import pytest
+import shapely
 
 from schemas.catalog import load_catalog
 from tasks.ingest import label_parts
 from tasks.ingest.stage import run_ingest
 from tasks.store.artifacts import read_attributes, read_table, write_table
+from tasks.store.errors import InputError
 from tasks.store.folders import folder_record
 from tasks.store.reuse import Reuse, label_tables_key, read_keys
 from tasks.store.site_parts import plan_parts, previous_site_rows, write_parts
@@ -170,3 +172,51 @@ def test_reprocess_after_a_version_with_one_file_per_crs(published, tmp_path):
         a, b = read_table(inc / catalog.datasets[name].uri), read_table(full / catalog.datasets[name].uri)
         pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
     assert _inodes(inc / "labels").keys() == _inodes(full / "labels").keys()
+
+
+def test_ingest_normalises_and_writes_one_part_at_a_time(published, tmp_path, monkeypatch):
+    """Each call of the geometry work gets one part's sites (memory holds one part's polygons, not the
+    region's), and the table equals one normalisation of every site at once."""
+    catalog, prev = published
+    calls: list[set[str]] = []
+    real = label_parts.LabelInputs.normalise
+
+    def spy(self, grids, site_ids=None):
+        calls.append(set(site_ids))
+        return real(self, grids, site_ids)
+
+    monkeypatch.setattr(label_parts.LabelInputs, "normalise", spy)
+    run_ingest(catalog, tmp_path / "parts")
+    parts = [set(pd.read_parquet(p, columns=["site_id"])["site_id"]) for p in _files(tmp_path / "parts")]
+    assert len(parts) > 2 and len(calls) == len(parts)
+    assert sorted(map(sorted, calls)) == sorted(map(sorted, parts))  # one call per part
+
+    monkeypatch.setattr(label_parts, "PART_SITES", 10_000)  # the same inputs, every site in one call
+    monkeypatch.setattr(label_parts.LabelInputs, "normalise", real)
+    run_ingest(catalog, tmp_path / "whole")
+    assert len(list((tmp_path / "whole" / "labels").glob("*.parquet"))) == 1
+    pd.testing.assert_frame_equal(
+        read_table(tmp_path / "parts" / "labels"), read_table(tmp_path / "whole" / "labels"), check_exact=True
+    )
+
+
+def test_a_polygon_failing_in_a_late_part_leaves_no_labels_folder(published, tmp_path):
+    """The parts before the failing one were written already: the folder is built aside and removed."""
+    catalog, prev = published
+    path = catalog.input_path("input_labels")
+    gdf = gpd.read_parquet(path)
+    last = sorted(gdf["site_id"])[-1]
+    row = gdf.index[gdf["site_id"] == last][0]
+    gdf.loc[row, "geometry"] = shapely.affinity.translate(
+        gdf.geometry.loc[row], xoff=50_000.0
+    )  # no site there
+    gdf.to_parquet(path)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"outside its site '{last}'") as info:
+        run_ingest(catalog, out)
+    assert info.value.row == gdf.index.get_loc(row) + 1
+    assert not [p for p in out.rglob("*") if "labels" in p.name]  # neither the folder nor a part of it
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted((folder / "labels").glob("*.parquet"))

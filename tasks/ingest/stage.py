@@ -131,8 +131,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     inputs.append(_input_record("input_assignments", label_inputs.assignments_path, hashes))
     inputs.append(_input_record("input_labels", label_inputs.labels_path, hashes))
     label_keys = label_inputs.keys
-    labels = prepare_labels(label_inputs, grids, reuse, ds["labels"].uri)  # raises before any write
-    reused_label_sites = labels.reused
+    labels = prepare_labels(label_inputs, grids, reuse, ds["labels"].uri)
     assignments = label_inputs.assignments
     # raw rows: an assignment has normalised polygons exactly when it has raw ones
     raw_counts = polygon_counts(label_inputs.labels, assignments)
@@ -165,7 +164,8 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
 
     t3 = time.perf_counter()
     labels_dir = out_dir / ds["labels"].uri
-    labels.write(labels_dir, labels_dir.name, reuse)
+    labels.write(labels_dir, labels_dir.name, reuse)  # normalises part by part; a bad polygon raises here
+    reused_label_sites = labels.reused
     assignments["n_polygons"] = polygon_counts(labels.columns, assignments)
     site_keys, reused_site_keys = _site_label_keys(labels, labels_dir, assignments, reuse)
     artifacts = {
@@ -294,23 +294,20 @@ def _site_label_keys(
 ) -> tuple[dict[str, str], set[str]]:
     """Every site's ``site_label_keys`` value, recorded once here for the later stages and the watcher;
     (keys, the sites whose key was taken over). A site whose raw label inputs are unchanged has the same
-    normalised rows, so its previous key stands; only the others' polygons are hashed (those normalised
-    now; a taken-over site without a previous key has its rows read back from the written folder)."""
+    normalised rows, so its previous key stands; a site in a part written now has the key its rows got as
+    they were written; only the rest (a linked part's site without a previous key, a site without
+    polygons) are hashed here, their rows read back from the written folder."""
     sites = set(assignments["site_id"].astype(str))
     prev = reuse.previous_keys(SITE_LABELS) if reuse.enabled else {}
     kept = {s: prev[s][0] for s in labels.reused & sites if s in prev}
-    todo = sorted(sites - kept.keys())
-    fresh = {}
+    written = {s: k for s, k in labels.site_keys.items() if s in sites and s not in kept}
+    todo = sorted(sites - kept.keys() - written.keys())
+    rest = {}
     if todo:
-        rows = labels.fresh
-        stored = sorted(set(todo) & labels.reused & set(labels.columns["site_id"]))
-        if stored:
-            rows = pd.concat([rows, read_site_rows(labels_dir, stored)], ignore_index=True)
-        fresh = site_label_keys(
-            rows[rows["site_id"].astype(str).isin(todo)] if len(rows) else rows,
-            assignments[assignments["site_id"].astype(str).isin(todo)],
-        )
-    return dict(sorted((kept | fresh).items())), set(kept)
+        stored = sorted(set(todo) & set(labels.columns["site_id"].astype(str)))
+        rows = read_site_rows(labels_dir, stored) if stored else pd.DataFrame()
+        rest = site_label_keys(rows, assignments[assignments["site_id"].astype(str).isin(todo)])
+    return dict(sorted((kept | written | rest).items())), set(kept)
 
 
 def _previous_tiles(reuse: Reuse, uri: str, units: set[str]) -> pd.DataFrame:
