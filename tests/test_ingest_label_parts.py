@@ -15,6 +15,7 @@ import shapely
 
 from schemas.catalog import load_catalog
 from tasks.ingest import label_parts
+from tasks.ingest import labels as labels_mod
 from tasks.ingest.stage import run_ingest
 from tasks.store.artifacts import read_attributes, read_table, write_table
 from tasks.store.errors import InputError
@@ -174,25 +175,25 @@ def test_reprocess_after_a_version_with_one_file_per_crs(published, tmp_path):
     assert _inodes(inc / "labels").keys() == _inodes(full / "labels").keys()
 
 
-def test_ingest_normalises_and_writes_one_part_at_a_time(published, tmp_path, monkeypatch):
-    """Each call of the geometry work gets one part's sites (memory holds one part's polygons, not the
-    region's), and the table equals one normalisation of every site at once."""
+def test_ingest_normalises_and_writes_one_part_per_task(published, tmp_path, monkeypatch):
+    """Each call of the geometry work gets one part's sites (a Dask task per part: no process holds the
+    region's polygons), and the table equals one normalisation of every site at once."""
     catalog, prev = published
     calls: list[set[str]] = []
-    real = label_parts.LabelInputs.normalise
+    real = labels_mod.normalise_label_geometry
 
-    def spy(self, grids, site_ids=None):
-        calls.append(set(site_ids))
-        return real(self, grids, site_ids)
+    def spy(gdf, path, grids):
+        calls.append(set(gdf["site_id"]))
+        return real(gdf, path, grids)
 
-    monkeypatch.setattr(label_parts.LabelInputs, "normalise", spy)
+    monkeypatch.setattr(labels_mod, "normalise_label_geometry", spy)
+    monkeypatch.setattr(label_parts, "ROUND_PARTS", 2)  # more than one round of tasks
     run_ingest(catalog, tmp_path / "parts")
     parts = [set(pd.read_parquet(p, columns=["site_id"])["site_id"]) for p in _files(tmp_path / "parts")]
     assert len(parts) > 2 and len(calls) == len(parts)
     assert sorted(map(sorted, calls)) == sorted(map(sorted, parts))  # one call per part
 
     monkeypatch.setattr(label_parts, "PART_SITES", 10_000)  # the same inputs, every site in one call
-    monkeypatch.setattr(label_parts.LabelInputs, "normalise", real)
     run_ingest(catalog, tmp_path / "whole")
     assert len(list((tmp_path / "whole" / "labels").glob("*.parquet"))) == 1
     pd.testing.assert_frame_equal(
@@ -200,16 +201,19 @@ def test_ingest_normalises_and_writes_one_part_at_a_time(published, tmp_path, mo
     )
 
 
-def test_a_polygon_failing_in_a_late_part_leaves_no_labels_folder(published, tmp_path):
-    """The parts before the failing one were written already: the folder is built aside and removed."""
+def test_a_bad_polygon_names_the_files_first_bad_row_and_leaves_no_labels_folder(published, tmp_path):
+    """Parts run as tasks in any order: of two bad polygons the error names the one earlier in the file
+    (here in the last part, the other in the first), and the parts written before are removed with the
+    folder built aside."""
     catalog, prev = published
     path = catalog.input_path("input_labels")
     gdf = gpd.read_parquet(path)
-    last = sorted(gdf["site_id"])[-1]
+    first, last = sorted(gdf["site_id"])[0], sorted(gdf["site_id"])[-1]
     row = gdf.index[gdf["site_id"] == last][0]
-    gdf.loc[row, "geometry"] = shapely.affinity.translate(
-        gdf.geometry.loc[row], xoff=50_000.0
-    )  # no site there
+    gdf.loc[row, "geometry"] = shapely.affinity.translate(gdf.geometry.loc[row], xoff=50_000.0)  # no site
+    later = gdf[gdf["site_id"] == first].iloc[[0]].copy()
+    later["geometry"] = [shapely.affinity.translate(later.geometry.iloc[0], yoff=50_000.0)]
+    gdf = pd.concat([gdf, later], ignore_index=True)  # the first site's bad polygon at the file's end
     gdf.to_parquet(path)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=f"outside its site '{last}'") as info:

@@ -287,14 +287,17 @@ class LabelInputs:
     labels_path: str
 
     def normalise(self, grids: pd.DataFrame, site_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """The normalised ``labels`` rows of ``site_ids`` (default: every site), from their raw rows in
-        file order (found through an index by site: a call costs its sites' rows, not the file's)."""
-        raw = self.labels
-        if site_ids is not None and len(raw):
-            where = self._rows_by_site
-            found = [where[s] for s in set(site_ids) if s in where]
-            raw = raw.iloc[np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)]
+        """The normalised ``labels`` rows of ``site_ids`` (default: every site)."""
+        raw = self.labels if site_ids is None else self.rows_of(site_ids)
         return normalise_label_geometry(raw, self.labels_path, grids)
+
+    def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
+        """The raw rows of ``site_ids`` in file order (a call costs its sites' rows, not the file's)."""
+        if not len(self.labels):
+            return self.labels
+        where = self._rows_by_site
+        found = [where[s] for s in set(site_ids) if s in where]
+        return self.labels.iloc[np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)]
 
     @cached_property
     def _rows_by_site(self) -> dict[str, np.ndarray]:

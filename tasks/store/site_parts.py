@@ -116,12 +116,10 @@ def write_parts(
     rows: Callable[[list[str]], pd.DataFrame],
     write: Callable[[pd.DataFrame, Path], None],
     site_column: str = "site_id",
-    per_part: bool = False,
 ) -> PartsWritten:
     """Fill ``folder`` with ``parts``: a part the previous version's folder has (same name) is linked from
-    there; the others are written from ``rows(sites of every part to write)`` (one call; with
-    ``per_part``, one call per part, so only one part's rows are ever held), each part's rows by
-    ``write(frame, path)`` in the order ``rows`` gives them. A part without rows gets no file.
+    there; the others are written from ``rows(sites of every part to write)`` (one call), each part's rows
+    by ``write(frame, path)`` in the order ``rows`` gives them. A part without rows gets no file.
 
     Whatever ``*.parquet`` the folder held before (an earlier attempt, a copied version) is removed first,
     by unlinking: a file shared with a published version is never written through.
@@ -135,15 +133,15 @@ def write_parts(
     linked = [p for p in parts if p.name not in names]
     for p in linked:
         link_or_copy(Path(previous_folder) / p.name, folder / p.name)
-    for group in [[p] for p in todo] if per_part else [todo] if todo else []:
-        df = rows([s for p in group for s in p.sites])
-        where = {s: i for i, p in enumerate(group) for s in p.sites}
+    if todo:
+        df = rows([s for p in todo for s in p.sites])
+        where = {s: i for i, p in enumerate(todo) for s in p.sites}
         index = df[site_column].astype(str).map(where)
         if index.isna().any():
             extra = sorted(set(df.loc[index.isna(), site_column].astype(str)))[:3]
             raise ValueError(f"rows of sites no part holds: {extra}")
         for i, part_rows in df.groupby(index.to_numpy(), sort=True):
-            write(part_rows, folder / group[int(i)].name)
+            write(part_rows, folder / todo[int(i)].name)
     return PartsWritten(linked, todo)
 
 
