@@ -28,10 +28,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Two test processes (pytest-xdist), whole files each, so a module's fixtures are built once: the suite
-# spends much of its time waiting on servers and worker processes, and CI has two cores.
+# spends much of its time waiting on servers and worker processes, and CI has two cores. The slowest
+# tests are listed at the end, to keep an eye on the suite's time.
 TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
