@@ -25,8 +25,8 @@ def test_windows_equal_rasterio_from_bounds(affine):
     rng = np.random.default_rng(7)
     window = _window_of_bounds(affine)
     for _ in range(500):
-        x0, y0 = affine * (rng.uniform(-50, 5000), rng.uniform(-50, 5000))
-        x1, y1 = affine * (rng.uniform(-50, 5000), rng.uniform(-50, 5000))
+        x0, y0 = affine @ (rng.uniform(-50, 5000), rng.uniform(-50, 5000))
+        x1, y1 = affine @ (rng.uniform(-50, 5000), rng.uniform(-50, 5000))
         left, right, bottom, top = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
         try:
             w = from_bounds(left, bottom, right, top, transform=affine)
