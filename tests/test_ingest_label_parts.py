@@ -187,7 +187,6 @@ def test_ingest_normalises_and_writes_one_part_per_task(published, tmp_path, mon
         return real(gdf, path, grids)
 
     monkeypatch.setattr(labels_mod, "normalise_label_geometry", spy)
-    monkeypatch.setattr(label_parts, "ROUND_PARTS", 2)  # more than one round of tasks
     run_ingest(catalog, tmp_path / "parts")
     parts = [set(pd.read_parquet(p, columns=["site_id"])["site_id"]) for p in _files(tmp_path / "parts")]
     assert len(parts) > 2 and len(calls) == len(parts)

@@ -17,8 +17,9 @@ from pyproj import CRS
 
 from schemas.catalog import load_catalog
 from tasks.ingest import labels as labels_mod
+from tasks.ingest import readers
 from tasks.ingest.changes import detect_label_changes, input_label_keys, published_label_keys
-from tasks.ingest.label_keys import LABELS_STAGE, label_input_keys
+from tasks.ingest.label_keys import LABELS_STAGE, LabelRowDigests, label_input_keys
 from tasks.ingest.labels import normalise_assignments, validate_labels
 from tasks.ingest.readers import read_table_file, read_vector
 from tasks.ingest.stage import run_ingest
@@ -38,6 +39,13 @@ TABLES = ("sites", "tiles", "labels", "assignments", "item_labels")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _several_batches(monkeypatch):
+    """The label file read 64 rows at a time (the demo's has a few hundred), so ingest and detection key,
+    check and spill or re-read it in several batches, as they do a large file."""
+    monkeypatch.setattr(readers, "BATCH_ROWS", 64)
+
+
 @pytest.fixture
 def published(tmp_path, make_catalog):
     """A copy of the demo region with one published (ingest-only) version."""
@@ -307,9 +315,14 @@ def test_raw_keys_follow_content_not_file_layout(published):
     classes = published.settings.label_classes
 
     def keys(g, grids=grids, classes=classes, a=a):
-        return label_input_keys(validate_labels(g, "labels", grids, a, classes), a, grids, classes)
+        valid = validate_labels(g, "labels", grids, a, classes)
+        return label_input_keys(LabelRowDigests.of(valid), a, grids, classes)
 
     base = keys(gdf)
+    digests = LabelRowDigests()  # fed a batch at a time, as ingest reads a large file
+    for start in range(0, len(gdf), 37):
+        digests.add(validate_labels(gdf.iloc[start : start + 37], "labels", grids, a, classes))
+    assert label_input_keys(digests, a, grids, classes) == base
     assert base == {u: k for u, (k, _) in read_keys(vdir, LABELS_STAGE).items()}  # what ingest recorded
     site, who = _multi_polygon_site(gdf)
     mine = (gdf["site_id"] == site) & (gdf["labeller_id"] == who)

@@ -20,7 +20,6 @@ import pandas as pd
 from schemas.catalog import Catalog
 from tasks.ingest.label_keys import LABELS_STAGE
 from tasks.ingest.labels import (
-    polygon_counts,
     read_label_input_rows,
     read_label_inputs,
     require_no_pending_polygons,
@@ -128,9 +127,7 @@ def detect_label_changes(catalog: Catalog) -> LabelChanges:
         before = published_label_keys(vdir, catalog)
         candidates = set(inputs.keys) | set(before)
     labels = inputs.normalise(grids, candidates)  # raises what ingest would for these sites' polygons
-    require_no_pending_polygons(
-        assignments, polygon_counts(inputs.labels, assignments), inputs.assignments_path
-    )
+    require_no_pending_polygons(assignments, inputs.polygon_counts(), inputs.assignments_path)
     after = site_label_keys(labels, assignments[assignments["site_id"].isin(sorted(candidates))])
     return LabelChanges(
         published_version=latest,

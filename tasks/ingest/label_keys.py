@@ -2,7 +2,7 @@
 
 A site's key covers its raw label rows, its normalised assignments, its grid, the label classes, the
 file's CRS, the code that reads and normalises labels and the geometry libraries' versions; it is
-computed without normalising any geometry (one vectorised pass over the rows).
+computed without normalising any geometry (one pass over the rows, a batch of the file at a time).
 """
 
 from __future__ import annotations
@@ -24,22 +24,23 @@ LABEL_CODE = (
     "tasks.ingest.labels",
     "tasks.ingest.label_keys",
     "tasks.ingest.label_parts",
+    "tasks.ingest.raw_label_rows",
     "tasks.ingest.readers",
     "tasks.ingest.stage",
 )
 
 
 def label_input_keys(
-    labels: gpd.GeoDataFrame, assignments: pd.DataFrame, grids: pd.DataFrame, classes: list[str]
+    rows: LabelRowDigests, assignments: pd.DataFrame, grids: pd.DataFrame, classes: list[str]
 ) -> dict[str, str]:
     """Per site with assignments: the key of everything its normalised ``labels`` and ``assignments``
     rows depend on, computed without normalising any geometry.
 
-    That is the site's raw label rows (labeller, class, geometry as WKB in the file's CRS) in file order
-    within each labeller (the order numbers its polygons; rows of other sites or labellers may move
-    freely), its normalised assignments, its grid, the label classes, the file's CRS, the code that reads
-    and normalises labels (``LABEL_CODE``) and the geometry libraries' versions (``make_valid`` and
-    reprojection results may change with them). ``labels``: validated raw rows (:func:`validate_labels`).
+    That is the site's raw label rows (``rows``: labeller, class, geometry as WKB in the file's CRS) in
+    file order within each labeller (the order numbers its polygons; rows of other sites or labellers may
+    move freely), its normalised assignments, its grid, the label classes, the file's CRS, the code that
+    reads and normalises labels (``LABEL_CODE``) and the geometry libraries' versions (``make_valid`` and
+    reprojection results may change with them).
     """
     common = content_key(
         "ingest/labels",
@@ -48,10 +49,10 @@ def label_input_keys(
         list(classes),
         # the CRS's name (authority code, else its definition), not its WKT: threads of long-lived workers
         # may spell one CRS differently (tasks/store/geoparquet.crs_projjson)
-        labels.crs.to_string() if len(labels) and labels.crs is not None else None,
+        rows.crs.to_string() if rows.crs is not None else None,
     )
     a_keys = _assignment_row_keys(assignments)
-    l_keys = _label_row_keys(labels)
+    l_keys = rows.site_digests()
     g = grids.drop_duplicates("site_id")
     site_grid = {
         str(s): [str(c), [float(v) for v in t], int(w), int(h)]
@@ -61,6 +62,58 @@ def label_input_keys(
         site: content_key(common, site_grid.get(site), a_keys.get(site), l_keys.get(site))
         for site in sorted(a_keys.keys() | l_keys.keys())
     }
+
+
+class LabelRowDigests:
+    """Per site, a digest of its raw label rows (validated: :func:`validate_labels`), fed batch by batch in
+    file order, so a large label file is keyed one batch at a time. Each (site, labeller) pair's rows are
+    chained in file order (a pair keeps only its 16-byte digest so far); a site's digest joins its pairs'
+    digests in labeller order."""
+
+    def __init__(self) -> None:
+        self.crs = None  # the file's CRS, once a row was seen
+        self._pairs: dict[tuple[str, str], bytes] = {}
+        self._prefixes: dict = {}
+
+    @classmethod
+    def of(cls, labels: gpd.GeoDataFrame) -> LabelRowDigests:
+        digests = cls()
+        digests.add(labels)
+        return digests
+
+    def add(self, labels: gpd.GeoDataFrame) -> None:
+        """Hash the next rows of the file (each batch after the rows before it)."""
+        if len(labels) == 0:
+            return
+        self.crs = labels.crs if self.crs is None else self.crs
+        wkb = shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object), byte_order=1)
+        pairs, prefixes = self._pairs, self._prefixes
+        label = labels["label"].astype(object)
+        label = label.where(label.notna(), None).to_numpy()  # every missing class hashes as b"N"
+        sites, who = (labels[c].to_numpy(dtype=object) for c in ("site_id", "labeller_id"))
+        for s, w, c, b in zip(sites, who, label, wkb, strict=True):
+            # the labeller and class prefix made once per distinct value (few)
+            key = (w, c) if c is None or isinstance(c, str) else None
+            p = prefixes.get(key) if key is not None else None
+            if p is None:
+                wb = w.encode()
+                p = b"%d:" % len(wb) + wb + _class_bytes(c)
+                if key is not None:
+                    prefixes[key] = p
+            pairs[(s, w)] = hashlib.blake2b(
+                pairs.get((s, w), b"") + p + b"%d:" % len(b) + b, digest_size=16
+            ).digest()
+
+    def site_digests(self) -> dict[str, str]:
+        """Per site with rows: the digest of its pairs' digests, in labeller order."""
+        sites: dict[str, hashlib.blake2b] = {}
+        for s, w in sorted(self._pairs):
+            h = sites.get(s)
+            if h is None:
+                h = sites[s] = hashlib.blake2b(digest_size=16)
+            wb = w.encode()
+            h.update(b"%d:" % len(wb) + wb + self._pairs[(s, w)])
+        return {s: h.hexdigest() for s, h in sites.items()}
 
 
 def _assignment_row_keys(assignments: pd.DataFrame) -> dict[str, str]:
@@ -91,45 +144,6 @@ def _assignment_row_keys(assignments: pd.DataFrame) -> dict[str, str]:
         h.update(b"%d:" % len(wb) + wb + b"%d:" % len(sb) + sb + tb + (b"R" if ref else b"C"))
     out[current] = h.hexdigest()
     return out
-
-
-def _label_row_keys(labels: gpd.GeoDataFrame) -> dict[str, str]:
-    if len(labels) == 0:
-        return {}
-    order = (
-        pd.DataFrame(
-            {
-                "site": labels["site_id"].to_numpy(dtype=object),
-                "who": labels["labeller_id"].to_numpy(dtype=object),
-                "pos": np.arange(len(labels)),
-            }
-        )
-        .sort_values(["site", "who", "pos"])
-        .index.to_numpy()
-    )
-    sites = labels["site_id"].to_numpy(dtype=object)[order]
-    who = labels["labeller_id"].to_numpy(dtype=object)[order]
-    label = labels["label"].to_numpy(dtype=object)[order]
-    wkb = shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object)[order], byte_order=1)
-    # Each row's bytes, labeller and class prefixes made once per distinct value (few); then one digest
-    # per site over its rows' bytes joined (the same digest as updating row by row).
-    prefixes: dict = {}
-    rows = []
-    for w, c, b in zip(who, label, wkb, strict=True):
-        key = (w, c) if c is None or isinstance(c, str) else None
-        p = prefixes.get(key) if key is not None else None
-        if p is None:
-            wb = w.encode()
-            p = b"%d:" % len(wb) + wb + _class_bytes(c)
-            if key is not None:
-                prefixes[key] = p
-        rows.append(p + b"%d:" % len(b) + b)
-    starts = np.flatnonzero(np.r_[True, sites[1:] != sites[:-1]]).tolist()
-    ends = [*starts[1:], len(rows)]
-    return {
-        sites[i]: hashlib.blake2b(b"".join(rows[i:j]), digest_size=16).hexdigest()
-        for i, j in zip(starts, ends, strict=True)
-    }
 
 
 def _class_bytes(value) -> bytes:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from tasks.ingest import labels as labels_mod
 from tasks.ingest.label_keys import LABELS_STAGE
 from tasks.ingest.labels import LABEL_COLUMNS, LabelInputs, _no_labels
+from tasks.ingest.raw_label_rows import SpilledRows, SpilledSites
 from tasks.store.artifacts import write_table
 from tasks.store.errors import InputError
 from tasks.store.reuse import Reuse, link_or_copy, site_label_keys
@@ -48,17 +49,15 @@ _write_part = native_part_writer("labels")
 COUNT_COLUMNS = ["site_id", "labeller_id", "was_valid"]
 
 
-ROUND_PARTS = 8  # parts in flight at once: their raw rows ride in the graph (16 parts at 10x: a 13 MiB graph)
-
-
 @dataclass(frozen=True)
 class PartJob:
-    """One part to write and exactly what it needs: its sites' raw rows (file order, file row numbers as
-    index), grids and assignments, so no whole-table state rides along to the worker that runs it."""
+    """One part to write and exactly what it needs: where its sites' raw rows are (spilled: the worker
+    reads them; file order, file row numbers as index), its grids and assignments, so no whole-table state
+    rides along to the worker that runs it."""
 
     name: str
     sites: tuple[str, ...]
-    raw: pd.DataFrame
+    raw: SpilledSites
     grids: pd.DataFrame
     assignments: pd.DataFrame
     labels_path: str
@@ -91,7 +90,8 @@ def write_part(job: PartJob, folder: str) -> PartDone:
             frames.append(pd.DataFrame(prev))
     again = set(job.sites) - taken
     if again:
-        raw = job.raw[job.raw["site_id"].isin(again)]
+        raw = job.raw.read()
+        raw = raw[raw["site_id"].isin(again)]
         try:
             frames.append(labels_mod.normalise_label_geometry(raw, job.labels_path, job.grids))
         except InputError as exc:
@@ -154,20 +154,21 @@ class PreparedLabels:
         todo = parts_to_write(self.parts, self.previous)
         for p in set(self.parts) - set(todo):
             link_or_copy(self.previous / p.name, building / p.name)
+        jobs = [
+            # the job rides in the task itself (a partial: neither traversed nor tokenized); with spilled
+            # rows it is small, so every part is in one graph and a worker takes the next part as soon as
+            # it finishes one
+            dask.delayed(partial(write_part, self._job(p), str(building)), pure=False)(
+                dask_key_name=f"ingest-labels-{p.name}-{uuid.uuid4().hex}"
+            )
+            for p in todo
+        ]
         errors = []
-        for start in range(0, len(todo), ROUND_PARTS):
-            jobs = [
-                # the job rides in the task itself (a partial: neither traversed nor tokenized)
-                dask.delayed(partial(write_part, self._job(p), str(building)), pure=False)(
-                    dask_key_name=f"ingest-labels-{p.name}-{uuid.uuid4().hex}"
-                )
-                for p in todo[start : start + ROUND_PARTS]
-            ]
-            for done in dask.compute(*jobs, scheduler=_part_scheduler()):
-                if done.error is not None:
-                    errors.append(done.error)
-                self.site_keys.update(done.site_keys)
-                self.reused |= done.taken
+        for done in dask.compute(*jobs, scheduler=_part_scheduler()):
+            if done.error is not None:
+                errors.append(done.error)
+            self.site_keys.update(done.site_keys)
+            self.reused |= done.taken
         if errors:
             raise min(errors, key=lambda e: (e.row is None, e.row if e.row is not None else 0))
 
@@ -178,7 +179,7 @@ class PreparedLabels:
         return PartJob(
             part.name,
             part.sites,
-            self.inputs.rows_of(sites),
+            self.inputs.rows.source(sites),
             self._grids_by_site.loc[sites].reset_index(drop=True),
             self.inputs.assignments.iloc[np.sort(np.concatenate(own)) if own else []],
             self.inputs.labels_path,
@@ -205,8 +206,7 @@ def _writer_salt() -> tuple:
 def label_parts(inputs: LabelInputs, grids: pd.DataFrame) -> list[Part]:
     """The parts of the sites that drew polygons, per CRS, in polygon-id order (a site's ids are
     ``<site>/...``, so sites sort by ``site + "/"``)."""
-    raw = inputs.labels
-    drawn = set(raw["site_id"].astype(str)) if len(raw) else set()
+    drawn = inputs.drawn
     crs = dict(zip(grids["site_id"].astype(str), grids["crs"].astype(str), strict=True))
     keys = {s: inputs.keys[s] for s in sorted(drawn)}
     return plan_parts(keys, PART_SITES, {s: crs[s] for s in keys}, _writer_salt(), lambda s: s + "/")
@@ -218,6 +218,8 @@ def prepare_labels(inputs: LabelInputs, grids: pd.DataFrame, reuse: Reuse, uri: 
     has (every site unchanged) will be linked, and its reusable sites count as reused now (as do reusable
     sites without polygons: nothing to normalise); the others' reuse is settled as :meth:`write` reads
     their rows."""
+    if not isinstance(inputs.rows, SpilledRows):  # the part tasks read their rows where they run
+        raise TypeError("labels parts need the raw rows spilled: read_label_input_rows(..., spill_to=DIR)")
     previous = reuse.previous / uri if reuse.enabled and reuse.previous is not None else None
     previous = previous if previous is not None and previous.is_dir() else None
     reusable = reuse.reusable(LABELS_STAGE, inputs.keys)

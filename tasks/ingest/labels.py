@@ -6,9 +6,9 @@ repair recorded), split into single polygons and clipped to the site footprint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -17,8 +17,15 @@ import shapely
 from shapely.geometry import box
 
 from schemas.catalog import Catalog
-from tasks.ingest.label_keys import label_input_keys
-from tasks.ingest.readers import read_table_file, read_vector, require_columns, require_ids, require_unique
+from tasks.ingest.label_keys import LabelRowDigests, label_input_keys
+from tasks.ingest.raw_label_rows import FileRows, SpilledRows
+from tasks.ingest.readers import (
+    iter_vector_batches,
+    read_table_file,
+    require_columns,
+    require_ids,
+    require_unique,
+)
 from tasks.store.errors import InputError
 
 LABEL_COLUMNS = [
@@ -276,41 +283,45 @@ def site_roles(site_ids: list[str], assignments: pd.DataFrame) -> pd.DataFrame:
 class LabelInputs:
     """The catalog's label inputs after every whole-table check, before any per-polygon geometry work.
 
-    ``assignments``: normalised (cheap). ``labels``: the raw label rows (file CRS, file order), validated
-    by :func:`validate_labels`. ``keys``: per site, :func:`label_input_keys`.
+    ``assignments``: normalised (cheap). ``rows``: where the raw label rows (file CRS, file row numbers as
+    index), validated by :func:`validate_labels`, can be read back per site (:mod:`raw_label_rows`).
+    ``keys``: per site, :func:`label_input_keys`. ``polygons``: raw rows per (site_id, labeller_id).
     """
 
     assignments: pd.DataFrame
-    labels: gpd.GeoDataFrame
+    rows: FileRows | SpilledRows
     keys: dict[str, str]
+    polygons: pd.Series
     assignments_path: str
     labels_path: str
 
+    @property
+    def drawn(self) -> set[str]:
+        """The sites with at least one raw polygon."""
+        return set(self.polygons.index.get_level_values(0).astype(str)) if len(self.polygons) else set()
+
+    def polygon_counts(self) -> np.ndarray:
+        """Raw rows per assignment, aligned with ``assignments``' rows (:func:`polygon_counts`)."""
+        return _per_assignment(self.polygons, self.assignments)
+
     def normalise(self, grids: pd.DataFrame, site_ids: Iterable[str] | None = None) -> pd.DataFrame:
         """The normalised ``labels`` rows of ``site_ids`` (default: every site)."""
-        raw = self.labels if site_ids is None else self.rows_of(site_ids)
+        raw = self.rows.rows_of(self.drawn if site_ids is None else site_ids)
         return normalise_label_geometry(raw, self.labels_path, grids)
 
-    def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
-        """The raw rows of ``site_ids`` in file order (a call costs its sites' rows, not the file's)."""
-        if not len(self.labels):
-            return self.labels
-        where = self._rows_by_site
-        found = [where[s] for s in set(site_ids) if s in where]
-        return self.labels.iloc[np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)]
 
-    @cached_property
-    def _rows_by_site(self) -> dict[str, np.ndarray]:
-        """Positions of each site's raw rows."""
-        return {str(s): v for s, v in self.labels.groupby("site_id", sort=False).indices.items()}
-
-
-def read_label_input_rows(catalog: Catalog, site_ids: set[str], grids: pd.DataFrame) -> LabelInputs:
+def read_label_input_rows(
+    catalog: Catalog, site_ids: set[str], grids: pd.DataFrame, spill_to: Path | None = None
+) -> LabelInputs:
     """Read the label inputs and run every whole-table check; no geometry is normalised yet.
 
-    ``grids``: one row per site (site_id, scene_id, crs, transform, width, height). Bad input raises the
-    ``InputError`` (file, row, reason) a full normalisation would, except the per-polygon finding
-    "nothing left after clipping", which :meth:`LabelInputs.normalise` raises for the sites it treats.
+    ``grids``: one row per site (site_id, scene_id, crs, transform, width, height). The label file is read,
+    validated and keyed a batch at a time, so this process holds one batch of it, not the file; the rows
+    are spilled by site to the folder ``spill_to`` (ingest: every site is normalised, by tasks that read
+    their own rows), or, without it, read again from the file for the sites asked. Bad input raises an
+    ``InputError`` naming the file, the row and the reason; a check that looks at rows alone names the
+    first bad row of the first batch holding one. The per-polygon finding "nothing left after clipping"
+    is :meth:`LabelInputs.normalise`'s (or the part task's) to raise, for the sites it treats.
     """
     ds = catalog.datasets
     a_path = catalog.input_path("input_assignments")
@@ -322,10 +333,21 @@ def read_label_input_rows(catalog: Catalog, site_ids: set[str], grids: pd.DataFr
     )
     l_path = catalog.input_path("input_labels")
     classes = catalog.settings.label_classes
-    raw = read_vector(l_path, ds["input_labels"].columns, ds["input_labels"].constants)
-    labels = validate_labels(raw, l_path, grids, assignments, classes)
-    keys = label_input_keys(labels, assignments, grids, classes)
-    return LabelInputs(assignments, labels, keys, str(a_path), str(l_path))
+
+    def batches() -> Iterator[gpd.GeoDataFrame]:
+        for batch in iter_vector_batches(l_path, ds["input_labels"].columns, ds["input_labels"].constants):
+            yield validate_labels(batch, l_path, grids, assignments, classes)
+
+    rows = SpilledRows(spill_to, grids) if spill_to is not None else FileRows(batches)
+    digests, counts = LabelRowDigests(), []
+    for batch in batches():
+        if len(batch):
+            digests.add(batch)
+            rows.add(batch)
+            counts.append(batch.groupby(["site_id", "labeller_id"]).size())
+    polygons = pd.concat(counts).groupby(level=[0, 1]).sum() if counts else pd.Series(dtype="int64")
+    keys = label_input_keys(digests, assignments, grids, classes)
+    return LabelInputs(assignments, rows, keys, polygons, str(a_path), str(l_path))
 
 
 def read_label_inputs(
@@ -342,7 +364,12 @@ def polygon_counts(labels: pd.DataFrame, assignments: pd.DataFrame) -> np.ndarra
     (a raw polygon never normalises to nothing: that is an error)."""
     if len(labels) == 0:
         return np.zeros(len(assignments), dtype="int64")
-    n_poly = labels.groupby(["site_id", "labeller_id"]).size()
+    return _per_assignment(labels.groupby(["site_id", "labeller_id"]).size(), assignments)
+
+
+def _per_assignment(n_poly: pd.Series, assignments: pd.DataFrame) -> np.ndarray:
+    if len(n_poly) == 0:
+        return np.zeros(len(assignments), dtype="int64")
     key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
     return n_poly.reindex(key).fillna(0).astype("int64").to_numpy()
 

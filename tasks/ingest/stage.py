@@ -7,6 +7,7 @@ a strip of its scene and a few tiles, so pixel memory follows the tasks in fligh
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,13 +81,19 @@ def run_ingest(
     labels are always normalised afresh (cheap). Every table is written sorted by its primary key.
     """
     hashes = HashCache.for_root(catalog.root_path)
+    labels_dir = Path(out_dir) / catalog.datasets["labels"].uri
+    # raw label rows wait on disk beside the table they become, where the part tasks' workers write
+    spill = labels_dir.with_name(f".{labels_dir.name}.raw")
     try:
-        return _run_ingest(catalog, Path(out_dir), progress, reuse or Reuse(), hashes)
+        return _run_ingest(catalog, Path(out_dir), progress, reuse or Reuse(), hashes, spill)
     finally:
         hashes.save()
+        shutil.rmtree(spill, ignore_errors=True)
 
 
-def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes: HashCache) -> IngestResult:
+def _run_ingest(
+    catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes: HashCache, spill: Path
+) -> IngestResult:
     s = catalog.settings
     ds = catalog.datasets
     timings: dict[str, float] = {}
@@ -127,14 +134,14 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
 
     t2 = time.perf_counter()
     grids = _primary_grids(tiles, pairs)
-    label_inputs = read_label_input_rows(catalog, set(sites["site_id"]), grids)
+    label_inputs = read_label_input_rows(catalog, set(sites["site_id"]), grids, spill_to=spill)
     inputs.append(_input_record("input_assignments", label_inputs.assignments_path, hashes))
     inputs.append(_input_record("input_labels", label_inputs.labels_path, hashes))
     label_keys = label_inputs.keys
     labels = prepare_labels(label_inputs, grids, reuse, ds["labels"].uri)
     assignments = label_inputs.assignments
     # raw rows: an assignment has normalised polygons exactly when it has raw ones
-    raw_counts = polygon_counts(label_inputs.labels, assignments)
+    raw_counts = label_inputs.polygon_counts()
     require_no_pending_polygons(assignments, raw_counts, label_inputs.assignments_path)
 
     if "input_item_labels" in ds and Path(catalog.input_path("input_item_labels")).exists():
@@ -165,6 +172,7 @@ def _run_ingest(catalog: Catalog, out_dir: Path, progress, reuse: Reuse, hashes:
     t3 = time.perf_counter()
     labels_dir = out_dir / ds["labels"].uri
     labels.write(labels_dir, labels_dir.name, reuse)  # normalises part by part; a bad polygon raises here
+    shutil.rmtree(spill)
     reused_label_sites = labels.reused
     assignments["n_polygons"] = polygon_counts(labels.columns, assignments)
     site_keys, reused_site_keys = _site_label_keys(labels, labels_dir, assignments, reuse)

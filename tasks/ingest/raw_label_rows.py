@@ -1,0 +1,139 @@
+"""Where the raw label rows wait between reading the label file and normalising them part by part.
+
+The file is read a batch at a time (``readers.iter_vector_batches``) and each validated batch is handed to
+one of these: :class:`SpilledRows` writes them to disk in buckets of sites (ingest), so the stage task holds
+one batch of the file whatever its size (at 100x the demo the whole file as polygons held ~440 MiB), and
+each part's task reads back only the buckets of its own sites; :class:`FileRows` keeps nothing and reads
+the file again for the few sites asked (the label watcher).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import shapely
+
+SPILL_SITES = 256  # sites per spill bucket: a 64-site labels part reads one or two buckets
+ROW_COLUMNS = ["site_id", "labeller_id", "label"]  # what normalisation reads besides the geometry
+
+
+@dataclass(frozen=True)
+class SpilledSites:
+    """The spill files holding some sites' rows, read where the work runs (it travels to a Dask worker):
+    reading them costs those buckets, not the file."""
+
+    files: tuple[str, ...]
+    sites: frozenset[str]
+    crs: Any
+
+    def read(self) -> gpd.GeoDataFrame:
+        frames = []
+        for f in self.files:
+            t = pq.read_table(f)
+            t = t.filter(pc.is_in(t["site_id"], pa.array(sorted(self.sites), t["site_id"].type)))
+            if t.num_rows:
+                frames.append(t)
+        if not frames:
+            return _empty_rows(self.crs)
+        table = pa.concat_tables(frames, promote_options="permissive")  # a chunk of only None may be null
+        df = table.drop_columns(["row", "wkb"]).to_pandas()
+        df.index = pd.Index(table["row"].to_numpy(), name=None)
+        geometry = shapely.from_wkb(table["wkb"].to_numpy(zero_copy_only=False))
+        return gpd.GeoDataFrame(df, geometry=geometry, crs=self.crs)
+
+
+def _empty_rows(crs) -> gpd.GeoDataFrame:
+    return gpd.GeoDataFrame({c: pd.Series(dtype=object) for c in ROW_COLUMNS}, geometry=[], crs=crs)
+
+
+class FileRows:
+    """No rows kept: :meth:`rows_of` reads the file again and keeps the asked sites' rows. For the label
+    watcher, which normalises only the few sites whose key moved: a poll holds one batch and writes
+    nothing, and reads the file twice only when something changed."""
+
+    def __init__(self, read: Callable[[], Iterable[gpd.GeoDataFrame]]) -> None:
+        self._read = read  # the file's validated batches, from the start
+
+    def add(self, batch: gpd.GeoDataFrame) -> None:
+        pass
+
+    def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
+        """The raw rows of ``site_ids`` in file order (file row numbers as index)."""
+        sites, crs, frames = set(site_ids), None, []
+        for batch in self._read():
+            crs = batch.crs if crs is None else crs
+            mine = batch[batch["site_id"].isin(sites)] if len(batch) else batch
+            if len(mine):
+                frames.append(mine)
+        return pd.concat(frames) if frames else _empty_rows(crs)
+
+
+class SpilledRows:
+    """Validated batches spilled to ``folder`` in buckets of ``SPILL_SITES`` sites, one Parquet file per
+    batch and bucket (row number, ids, class, WKB). A bucket holds consecutive sites of one CRS in the
+    order the labels parts take them (``label_parts``), so a part's sites share one or two buckets.
+    The folder must be reachable from the workers that normalise the parts (it sits in the draft)."""
+
+    def __init__(self, folder: Path, grids: pd.DataFrame) -> None:
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.crs = None
+        self._bucket_of = _buckets(grids)
+        self._files: dict[str, list[str]] = {}
+        self._batches = 0
+
+    def add(self, batch: gpd.GeoDataFrame) -> None:
+        if not len(batch):
+            return
+        self.crs = batch.crs if self.crs is None else self.crs
+        n, self._batches = self._batches, self._batches + 1
+        bucket = batch["site_id"].map(self._bucket_of).to_numpy()
+        for name in sorted(set(bucket)):
+            rows = batch[bucket == name]
+            table = pa.table(
+                {
+                    "row": pa.array(rows.index.to_numpy(), pa.int64()),
+                    **{c: pa.array(_missing_as_none(rows[c])) for c in ROW_COLUMNS},
+                    "wkb": pa.array(shapely.to_wkb(rows.geometry.to_numpy()), pa.binary()),
+                }
+            )
+            path = self.folder / f"{name}-{n:06d}.parquet"
+            pq.write_table(table, path, compression="lz4")
+            self._files.setdefault(name, []).append(str(path))
+
+    def source(self, site_ids: Iterable[str]) -> SpilledSites:
+        sites = frozenset(site_ids)
+        names = sorted({self._bucket_of[s] for s in sites if s in self._bucket_of})
+        return SpilledSites(tuple(f for b in names for f in self._files.get(b, [])), sites, self.crs)
+
+    def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
+        return self.source(site_ids).read()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _missing_as_none(values: pd.Series) -> np.ndarray:
+    values = values.astype(object)
+    return values.where(values.notna(), None).to_numpy()
+
+
+def _buckets(grids: pd.DataFrame) -> dict[str, str]:
+    """Site -> bucket name: per CRS, sites in polygon-id order (``site + "/"``), ``SPILL_SITES`` a bucket."""
+    out: dict[str, str] = {}
+    for k, (_, part) in enumerate(grids.groupby(grids["crs"].astype(str))):
+        ids = sorted(part["site_id"].astype(str), key=lambda s: s + "/")
+        for i, s in enumerate(ids):
+            out[s] = f"crs{k:03d}-{i // SPILL_SITES:05d}"
+    return out
