@@ -87,18 +87,23 @@ def test_ingest_in_small_batches_equals_one_whole_read(tmp_path, make_catalog, m
     run_ingest(catalog, tmp_path / "whole")  # the whole file in one batch
 
     checked, read = [], []
-    real_validate, real_read = labels_mod.validate_labels, raw_label_rows.SpilledSites.read
+    real_checks, real_read = labels_mod.label_checks, raw_label_rows.SpilledSites.read
 
-    def validate(gdf, *args):
-        checked.append(len(gdf))
-        return real_validate(gdf, *args)
+    def checks(*args):
+        check = real_checks(*args)
+
+        def counted(gdf):
+            checked.append(len(gdf))
+            return check(gdf)
+
+        return counted
 
     def read_back(self):
         rows = real_read(self)
         read.append((len(self.files), len(rows)))
         return rows
 
-    monkeypatch.setattr(labels_mod, "validate_labels", validate)
+    monkeypatch.setattr(labels_mod, "label_checks", checks)
     monkeypatch.setattr(raw_label_rows.SpilledSites, "read", read_back)
     monkeypatch.setattr(readers, "BATCH_ROWS", 50)
     monkeypatch.setattr(raw_label_rows, "SPILL_SITES", 2)

@@ -81,12 +81,13 @@ class LabelRowDigests:
         digests.add(labels)
         return digests
 
-    def add(self, labels: gpd.GeoDataFrame) -> None:
-        """Hash the next rows of the file (each batch after the rows before it)."""
+    def add(self, labels: gpd.GeoDataFrame, wkb: np.ndarray | None = None) -> None:
+        """Hash the next rows of the file (each batch after the rows before it); ``wkb``: their geometries
+        as :func:`row_wkb` gives them, if the caller has them already."""
         if len(labels) == 0:
             return
         self.crs = labels.crs if self.crs is None else self.crs
-        wkb = shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object), byte_order=1)
+        wkb = row_wkb(labels) if wkb is None else wkb
         pairs, prefixes = self._pairs, self._prefixes
         label = labels["label"].astype(object)
         label = label.where(label.notna(), None).to_numpy()  # every missing class hashes as b"N"
@@ -144,6 +145,11 @@ def _assignment_row_keys(assignments: pd.DataFrame) -> dict[str, str]:
         h.update(b"%d:" % len(wb) + wb + b"%d:" % len(sb) + sb + tb + (b"R" if ref else b"C"))
     out[current] = h.hexdigest()
     return out
+
+
+def row_wkb(labels: gpd.GeoDataFrame) -> np.ndarray:
+    """Each row's geometry as little-endian WKB: what keys hash and the spill stores."""
+    return shapely.to_wkb(np.asarray(labels.geometry.to_numpy(), dtype=object), byte_order=1)
 
 
 def _class_bytes(value) -> bytes:

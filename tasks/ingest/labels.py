@@ -6,7 +6,7 @@ repair recorded), split into single polygons and clipped to the site footprint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import shapely
 from shapely.geometry import box
 
 from schemas.catalog import Catalog
-from tasks.ingest.label_keys import LabelRowDigests, label_input_keys
+from tasks.ingest.label_keys import LabelRowDigests, label_input_keys, row_wkb
 from tasks.ingest.raw_label_rows import FileRows, SpilledRows
 from tasks.ingest.readers import (
     iter_vector_batches,
@@ -116,44 +116,61 @@ def validate_labels(
     assignments: pd.DataFrame,
     classes: list[str],
 ) -> gpd.GeoDataFrame:
-    """The checks that look at the whole label table at once (vectorised, cheap): ids, classes, known
-    sites, an assignment behind every polygon, polygonal geometry. Returns ``gdf`` with a ``label``
-    column (None where missing), ready for :func:`normalise_label_geometry`."""
-    if len(gdf) == 0:  # a file without features (an empty GeoJSON carries no columns at all)
-        return gdf
-    require_columns(gdf, ["site_id", "labeller_id"], path)
-    require_ids(gdf, ["site_id", "labeller_id"], path)
-    if "label" not in gdf.columns:
-        gdf = gdf.assign(label=None)
-    label = gdf["label"].where(gdf["label"].notna(), None)
-    if classes:
-        bad = label.notna() & ~label.isin(classes)
-        if bad.any():
-            row = gdf.index[bad.to_numpy()][0]
-            raise InputError(path, f"unknown class {label.loc[row]!r}; allowed: {classes}", row=row)
-    known_sites = set(grids["site_id"])
-    unknown = ~gdf["site_id"].isin(known_sites)
-    if unknown.any():
-        row = gdf.index[unknown.to_numpy()][0]
-        raise InputError(path, f"label for unknown site_id {gdf.at[row, 'site_id']!r}", row=row)
-    key = pd.MultiIndex.from_frame(assignments[["site_id", "labeller_id"]])
-    has_assignment = pd.MultiIndex.from_frame(gdf[["site_id", "labeller_id"]]).isin(key)
-    if not has_assignment.all():
-        row = gdf.index[~has_assignment][0]
-        raise InputError(
-            path,
-            f"labeller {gdf.at[row, 'labeller_id']!r} has no assignment for site {gdf.at[row, 'site_id']!r}",
-            row=row,
-        )
-    geom = gdf.geometry
-    empty = geom.isna() | geom.is_empty
-    if empty.any():
-        raise InputError(path, "empty or missing geometry", row=gdf.index[empty.to_numpy()][0])
-    polygonal = geom.geom_type.isin(["Polygon", "MultiPolygon"])
-    if not polygonal.all():
-        row = gdf.index[~polygonal.to_numpy()][0]
-        raise InputError(path, f"geometry is a {geom.loc[row].geom_type}; labels must be polygons", row=row)
-    return gdf.assign(label=label)
+    """The checks that look at label rows alone (vectorised, cheap): ids, classes, known sites, an
+    assignment behind every polygon, polygonal geometry. Returns ``gdf`` with a ``label`` column (None
+    where missing), ready for :func:`normalise_label_geometry`."""
+    return label_checks(path, grids, assignments, classes)(gdf)
+
+
+def label_checks(
+    path: str, grids: pd.DataFrame, assignments: pd.DataFrame, classes: list[str]
+) -> Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame]:
+    """:func:`validate_labels` for one file read in batches: what rows are checked against (known sites,
+    assigned (site, labeller) pairs) is built once, not per batch."""
+    known_sites = set(grids["site_id"].astype(str))
+    assigned = set(
+        zip(assignments["site_id"].astype(str), assignments["labeller_id"].astype(str), strict=True)
+    )
+
+    def check(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+        if len(gdf) == 0:  # a file without features (an empty GeoJSON carries no columns at all)
+            return gdf
+        require_columns(gdf, ["site_id", "labeller_id"], path)
+        require_ids(gdf, ["site_id", "labeller_id"], path)
+        if "label" not in gdf.columns:
+            gdf = gdf.assign(label=None)
+        label = gdf["label"].where(gdf["label"].notna(), None)
+        if classes:
+            bad = label.notna() & ~label.isin(classes)
+            if bad.any():
+                row = gdf.index[bad.to_numpy()][0]
+                raise InputError(path, f"unknown class {label.loc[row]!r}; allowed: {classes}", row=row)
+        # ids as Python text: a set lookup each, not pandas' isin over Arrow text (which converts every
+        # value of the set to an Arrow scalar on each call)
+        sites = gdf["site_id"].to_numpy(dtype=object)
+        who = gdf["labeller_id"].to_numpy(dtype=object)
+        unknown = np.fromiter((s not in known_sites for s in sites), bool, len(sites))
+        if unknown.any():
+            row = gdf.index[unknown][0]
+            raise InputError(path, f"label for unknown site_id {gdf.at[row, 'site_id']!r}", row=row)
+        unassigned = np.fromiter((k not in assigned for k in zip(sites, who, strict=True)), bool, len(sites))
+        if unassigned.any():
+            row = gdf.index[unassigned][0]
+            lid, sid = gdf.at[row, "labeller_id"], gdf.at[row, "site_id"]
+            raise InputError(path, f"labeller {lid!r} has no assignment for site {sid!r}", row=row)
+        geom = gdf.geometry
+        empty = geom.isna() | geom.is_empty
+        if empty.any():
+            raise InputError(path, "empty or missing geometry", row=gdf.index[empty.to_numpy()][0])
+        polygonal = geom.geom_type.isin(["Polygon", "MultiPolygon"])
+        if not polygonal.all():
+            row = gdf.index[~polygonal.to_numpy()][0]
+            raise InputError(
+                path, f"geometry is a {geom.loc[row].geom_type}; labels must be polygons", row=row
+            )
+        return gdf.assign(label=label)
+
+    return check
 
 
 def normalise_label_geometry(gdf: gpd.GeoDataFrame, path: str, grids: pd.DataFrame) -> pd.DataFrame:
@@ -334,16 +351,19 @@ def read_label_input_rows(
     l_path = catalog.input_path("input_labels")
     classes = catalog.settings.label_classes
 
+    check = label_checks(l_path, grids, assignments, classes)
+
     def batches() -> Iterator[gpd.GeoDataFrame]:
         for batch in iter_vector_batches(l_path, ds["input_labels"].columns, ds["input_labels"].constants):
-            yield validate_labels(batch, l_path, grids, assignments, classes)
+            yield check(batch)
 
     rows = SpilledRows(spill_to, grids) if spill_to is not None else FileRows(batches)
     digests, counts = LabelRowDigests(), []
     for batch in batches():
         if len(batch):
-            digests.add(batch)
-            rows.add(batch)
+            wkb = row_wkb(batch)
+            digests.add(batch, wkb)
+            rows.add(batch, wkb)
             counts.append(batch.groupby(["site_id", "labeller_id"]).size())
     polygons = pd.concat(counts).groupby(level=[0, 1]).sum() if counts else pd.Series(dtype="int64")
     keys = label_input_keys(digests, assignments, grids, classes)

@@ -64,7 +64,7 @@ class FileRows:
     def __init__(self, read: Callable[[], Iterable[gpd.GeoDataFrame]]) -> None:
         self._read = read  # the file's validated batches, from the start
 
-    def add(self, batch: gpd.GeoDataFrame) -> None:
+    def add(self, batch: gpd.GeoDataFrame, wkb: np.ndarray) -> None:
         pass
 
     def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
@@ -93,19 +93,21 @@ class SpilledRows:
         self._files: dict[str, list[str]] = {}
         self._batches = 0
 
-    def add(self, batch: gpd.GeoDataFrame) -> None:
+    def add(self, batch: gpd.GeoDataFrame, wkb: np.ndarray) -> None:
+        """Spill the next rows of the file; ``wkb``: their geometries (``label_keys.row_wkb``)."""
         if not len(batch):
             return
         self.crs = batch.crs if self.crs is None else self.crs
         n, self._batches = self._batches, self._batches + 1
         bucket = batch["site_id"].map(self._bucket_of).to_numpy()
         for name in sorted(set(bucket)):
-            rows = batch[bucket == name]
+            mine = bucket == name
+            rows = batch[mine]
             table = pa.table(
                 {
                     "row": pa.array(rows.index.to_numpy(), pa.int64()),
                     **{c: pa.array(_missing_as_none(rows[c])) for c in ROW_COLUMNS},
-                    "wkb": pa.array(shapely.to_wkb(rows.geometry.to_numpy()), pa.binary()),
+                    "wkb": pa.array(wkb[mine], pa.binary()),
                 }
             )
             path = self.folder / f"{name}-{n:06d}.parquet"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import geopandas as gpd
@@ -187,8 +188,20 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[gpd.GeoDataFrame]:
         if isinstance(c.get("covering"), dict) and "bbox" in c["covering"]
     }
     columns = [n for n in pf.schema_arrow.names if n not in covering]
+    for c in geo.get("columns", {}).values():  # each CRS parsed once, not per batch (~40 ms each)
+        if isinstance(c.get("crs"), dict):
+            c["crs"] = CRS.from_user_input(_without_member_ids(c["crs"]))
     for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-        yield _arrow_to_geopandas(pa.Table.from_batches([batch]).replace_schema_metadata(meta))
+        table = pa.Table.from_batches([batch]).replace_schema_metadata(meta)
+        yield _arrow_to_geopandas(table, geo_metadata=geo if geo else None)
+
+
+def _without_member_ids(crs: dict) -> dict:
+    """A PROJJSON CRS as geopandas reads it: datum ensemble members without their ids."""
+    from geopandas.io.arrow import _remove_id_from_member_of_ensembles
+
+    _remove_id_from_member_of_ensembles(crs)
+    return crs
 
 
 def _gdal_batches(path: Path, batch_rows: int) -> Iterator[gpd.GeoDataFrame]:
@@ -227,10 +240,9 @@ def check_crs_plausible(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
                 row=row,
             )
         return
-    aou = crs.area_of_use
+    aou, to_geo = _area_of_use(crs)
     if aou is None:
         return
-    to_geo = Transformer.from_crs(crs, 4326, always_xy=True)
     lon, lat = to_geo.transform([xmin, xmax, xmin, xmax], [ymin, ymin, ymax, ymax])
     lon, lat = np.asarray(lon), np.asarray(lat)
     margin = 5.0
@@ -247,3 +259,11 @@ def check_crs_plausible(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
             f"coordinates fall outside the area of use of the declared CRS {crs.to_string()} "
             f"({aou.name}); the CRS is probably wrong",
         )
+
+
+@lru_cache(maxsize=16)
+def _area_of_use(crs: CRS) -> tuple:
+    """(area of use, transformer to lon/lat) of a CRS, made once per process: a file read in batches
+    checks each batch (PROJ takes tens of ms to build them)."""
+    aou = crs.area_of_use
+    return aou, (Transformer.from_crs(crs, 4326, always_xy=True) if aou is not None else None)
