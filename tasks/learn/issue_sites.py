@@ -25,11 +25,11 @@ from tasks.store.grid import SiteGrid
 class SiteWork:
     """One site's inputs for both passes (picklable). Probabilities and consensus come either as arrays
     or as GeoTIFF paths read inside the batch; ``prob_kind="consensus"`` reads band 1 of a consensus
-    raster as p(field) (the stand-in before a model exists). Polygons likewise: geometries, or (None
-    and ``labels_path``) read by polygon id inside the batch, so a task graph never carries them."""
+    raster as p(field) (the stand-in before a model exists). Polygons likewise: ids and geometries, or
+    (None, None) and ``labels_path``: read by site inside the batch, so a task graph never carries them."""
 
     grid: SiteGrid
-    labellers: dict[str, tuple[list[str], list | None]]  # crowd labeller -> (polygon ids, geometries)
+    labellers: dict[str, tuple[list[str] | None, list | None]]  # crowd labeller -> (polygon ids, geometries)
     consensus_independent: bool  # gold site or >= 2 crowd voters: the consensus is not just this labeller
     probs: np.ndarray | None = None
     prob_path: str | None = None
@@ -67,9 +67,12 @@ def read_site_probabilities(path: str | Path, grid: SiteGrid, kind: str = "oos")
         raise InputError(path, f"cannot read raster ({exc})") from None
 
 
-def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = ()) -> list[SiteWork]:
+def build_work(
+    sites, labels, assignments, reference_labellers: Sequence[str] = (), labels_path: str | Path | None = None
+) -> list[SiteWork]:
     """One SiteWork per site with >= 1 completed crowd (non-reference) assignment, polygons in native CRS
-    (``labels`` without a geometry column: geometries None, to be read inside the batches)."""
+    from ``labels``; or, with ``labels_path`` instead (``labels`` None), none: ids and geometries are read
+    inside the batches, and the region's polygon ids are never held here (at 100x ~190 MiB)."""
     refs = set(map(str, reference_labellers))
     a = assignments[assignments["status"].astype(str) == "completed"]
     a_lid = a["labeller_id"].astype(str)
@@ -84,14 +87,16 @@ def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = 
     # each (site, labeller)'s polygon ids and geometries, in table order
     ids: dict[tuple[str, str], list[str]] = {}
     geoms: dict[tuple[str, str], list] = {}
-    site_ids, lab_ids = labels["site_id"].astype(str).tolist(), labels["labeller_id"].astype(str).tolist()
-    keys = zip(site_ids, lab_ids, strict=True)
-    pids = labels["polygon_id"].astype(str).tolist()
-    shapes = list(labels["geometry"]) if "geometry" in labels else None
-    for i, key in enumerate(keys):
-        ids.setdefault(key, []).append(pids[i])
-        if shapes is not None:
-            geoms.setdefault(key, []).append(shapes[i])
+    shapes = None
+    if labels is not None:
+        site_ids, lab_ids = labels["site_id"].astype(str).tolist(), labels["labeller_id"].astype(str).tolist()
+        keys = zip(site_ids, lab_ids, strict=True)
+        pids = labels["polygon_id"].astype(str).tolist()
+        shapes = list(labels["geometry"]) if "geometry" in labels else None
+        for i, key in enumerate(keys):
+            ids.setdefault(key, []).append(pids[i])
+            if shapes is not None:
+                geoms.setdefault(key, []).append(shapes[i])
     out = []
     for row in sites.sort_values("site_id").itertuples(index=False):
         sid = str(row.site_id)
@@ -101,24 +106,24 @@ def build_work(sites, labels, assignments, reference_labellers: Sequence[str] = 
         lab_polys = {}
         for lid in crowd:
             key = (sid, lid)
-            if key not in ids:
+            if labels is None:  # read inside the batch
+                lab_polys[lid] = (None, None)
+            elif key not in ids:
                 lab_polys[lid] = ([], [])
-            else:  # None: read later
+            else:  # labels without a geometry column: geometries None, read inside the batch
                 lab_polys[lid] = (ids[key], geoms[key] if shapes is not None else None)
         grid = SiteGrid.from_row(row._asdict())
-        out.append(SiteWork(grid, lab_polys, sid in with_ref or len(crowd) >= 2))
+        path = None if labels_path is None else str(labels_path)
+        out.append(SiteWork(grid, lab_polys, sid in with_ref or len(crowd) >= 2, labels_path=path))
     return out
 
 
 def without_geometries(work: list[SiteWork], labels_path: str | Path) -> list[SiteWork]:
-    """The same work with its polygons left in ``labels_path`` (read back by ``with_geometries`` inside
-    each batch): what Dask tasks are sent, so the graph holds ids and paths, not the region's polygons."""
+    """The same work with its polygons left in ``labels_path`` (ids and geometries read back by
+    ``with_geometries`` inside each batch): what Dask tasks are sent, so the graph holds labeller names and
+    paths, not the region's polygons nor their ids (at 100x the demo the ids alone made a 16 MiB graph)."""
     return [
-        replace(
-            w,
-            labellers={lid: (ids, None) for lid, (ids, _) in w.labellers.items()},
-            labels_path=str(labels_path),
-        )
+        replace(w, labellers={lid: (None, None) for lid in w.labellers}, labels_path=str(labels_path))
         for w in work
     ]
 
@@ -128,14 +133,15 @@ GRAPH_POLYGONS = 10_000  # more polygons than this in one pass: its batches read
 
 def light_batches(parts: list[list[SiteWork]], labels_path: Path) -> list[list[SiteWork]]:
     """The batches of one pass as Dask tasks get them: with their polygons when they are few (a
-    reprocess of a few sites: no reread of the table), else as ids to read inside each batch, so the task
-    graph never carries the region's polygons (a full run's was ~11 MiB on the 10x region)."""
-    n = sum(len(ids) for b in parts for w in b for ids, _ in w.labellers.values())
+    reprocess of a few sites: no reread of the table), else as labeller names and paths, each batch reading
+    its own polygons, so the task graph never carries the region's (a full run's was ~11 MiB at 10x)."""
+    n = sum(len(g) for b in parts for w in b for _, g in w.labellers.values() if g is not None)
     return [without_geometries(b, labels_path) for b in parts] if n > GRAPH_POLYGONS else parts
 
 
 def with_geometries(batch: list[SiteWork]) -> list[SiteWork]:
-    """``batch`` with every labeller's geometries filled in (in polygon-id order) from its labels table."""
+    """``batch`` with every labeller's polygon ids and geometries filled in from its labels table (in table
+    order, as ``build_work`` lists them) where the work left them there."""
     need: dict[str, list[str]] = {}
     for w in batch:
         if any(g is None for _, g in w.labellers.values()):
@@ -144,15 +150,19 @@ def with_geometries(batch: list[SiteWork]) -> list[SiteWork]:
             need.setdefault(w.labels_path, []).append(w.site_id)
     if not need:
         return batch
-    geoms: dict[str, object] = {}
+    polygons: dict[tuple[str, str], tuple[list[str], list]] = {}  # (site, labeller) -> (ids, geometries)
     for path, ids in need.items():
-        df = read_table(path, columns=["polygon_id", "site_id", "geometry"], filters=[("site_id", "in", ids)])
-        geoms.update(zip(df["polygon_id"].astype(str), df["geometry"], strict=True))
+        columns = ["polygon_id", "site_id", "labeller_id", "geometry"]
+        df = read_table(path, columns=columns, filters=[("site_id", "in", ids)])
+        for pid, sid, lid, g in zip(*(df[c].astype(str) for c in columns[:3]), df["geometry"], strict=True):
+            have = polygons.setdefault((sid, lid), ([], []))
+            have[0].append(pid)
+            have[1].append(g)
     return [
         replace(
             w,
             labellers={
-                lid: (ids, [geoms[i] for i in ids] if g is None else g)
+                lid: (ids, g) if g is not None else polygons.get((w.site_id, lid), ([], []))
                 for lid, (ids, g) in w.labellers.items()
             },
         )

@@ -22,6 +22,8 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas.catalog import Catalog
 from tasks.learn.issue_parts import LIGHT, StagedIssues, stage_rows, staging_folder, write_parts
@@ -34,7 +36,6 @@ from tasks.learn.issue_sites import (
     read_site_probabilities,
     site_arrays,
     with_geometries,
-    without_geometries,
 )
 from tasks.learn.issue_stats import PreviousStats, write_stats
 from tasks.learn.pixel_issues import (
@@ -46,7 +47,7 @@ from tasks.learn.pixel_issues import (
     fit_pixel_cl,
 )
 from tasks.memory import releasing_memory
-from tasks.store.artifacts import read_attributes, read_table, write_table
+from tasks.store.artifacts import read_table, write_table
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 from tasks.store.reuse import (
@@ -264,6 +265,17 @@ def _prob_folder(catalog: Catalog, version_dir: Path, source: str) -> tuple[Path
     return version_dir / catalog.datasets["consensus_rasters"].uri, "consensus"
 
 
+def _label_values(labels: pd.DataFrame | None, labels_path: Path) -> set[str]:
+    """The distinct polygon classes: of ``labels``, or read part by part (one column) from the table."""
+    if labels is not None:
+        return set(labels["label"].dropna().astype(str)) if "label" in labels else set()
+    values: set[str] = set()
+    for part in sorted(labels_path.glob("*.parquet")) if labels_path.is_dir() else [labels_path]:
+        if "label" in pq.read_schema(part).names:
+            values |= {str(v) for v in pc.unique(pq.read_table(part, columns=["label"])["label"]).drop_null()}
+    return values
+
+
 def run_label_issues_stage(
     catalog: Catalog,
     version_dir: str | Path,
@@ -291,17 +303,15 @@ def run_label_issues_stage(
     sites = read_table(version_dir / ds["sites"].uri)
     labels_path, a_path = version_dir / ds["labels"].uri, version_dir / ds["assignments"].uri
     assignments = read_table(a_path)
-    # With the sites' label keys recorded, the polygons stay on disk: batches read their own.
+    # With the sites' label keys recorded, the polygons stay on disk, unread here: batches read their own.
     label_keys = recorded_label_keys(version_dir, assignments["site_id"], labels_path, a_path)
-    labels = None if label_keys is None else read_attributes(labels_path)
-    if labels is None:
-        labels = read_table(labels_path)
+    labels = read_table(labels_path) if label_keys is None else None
     lq_path = version_dir / ds["labeller_quality"].uri
     lq = read_table(lq_path) if lq_path.exists() else None
     refs = catalog.settings.reference_labellers
-    work = build_work(sites, labels, assignments, refs)
-    if "geometry" not in labels:
-        work = without_geometries(work, labels_path)
+    work = build_work(
+        sites, labels, assignments, refs, labels_path=None if labels is not None else labels_path
+    )
     cons_dir = version_dir / ds["consensus_rasters"].uri
     if probabilities is None:
         folder, source = _prob_folder(catalog, version_dir, params.probability_source)
@@ -353,8 +363,8 @@ def run_label_issues_stage(
     if no_cons:
         notes.append(f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels")
     known = set(catalog.settings.label_classes)
-    if known and "label" in labels:
-        odd = sorted(set(labels["label"].dropna().astype(str)) - known)
+    if known:
+        odd = sorted(_label_values(labels, labels_path) - known)
         if odd:
             notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
 
