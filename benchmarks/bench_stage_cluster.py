@@ -1,6 +1,9 @@
 """One stage alone (ingest or consensus) on the refresh's 2-worker LocalCluster: wall time, stage timers,
 peak RSS of each process. Run it on two regions back to back (e.g. 10x and 100x) to see how one stage
-scales without the rest of a refresh, or on two checkouts (``--code``) to compare code on the same inputs.
+scales without the rest of a refresh, or on two checkouts to compare code on the same inputs: run each
+checkout's own copy of this script (``--code`` swaps only the stage task's code; the Dask tasks it fans out
+still run the code the workers import, this script's checkout, which fails or mixes versions when those
+tasks changed).
 
 The stage runs inside one Dask task, as in a refresh (its fan-out goes to the cluster through
 ``tasks.parallel.cluster_scheduler``), without Prefect. ``ingest`` writes into OUT (emptied first);
@@ -48,7 +51,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("stage", choices=["ingest", "consensus"])
     ap.add_argument("pairs", nargs="+", help="REGION_ROOT OUT, repeated")
-    ap.add_argument("--code", default=str(REPO), help="Checkout whose code the stage runs (default: this).")
+    ap.add_argument(
+        "--code",
+        default=str(REPO),
+        help="Checkout whose code the stage task runs (its fan-out runs this one's).",
+    )
     args = ap.parse_args()
     if len(args.pairs) % 2:
         ap.error("give REGION_ROOT OUT pairs")
