@@ -122,9 +122,6 @@ class SpilledRows:
     def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
         return self.source(site_ids).read()
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def _missing_as_none(values: pd.Series) -> np.ndarray:
     values = values.astype(object)
