@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -240,7 +241,7 @@ def check_crs_plausible(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
                 row=row,
             )
         return
-    aou, to_geo = _area_of_use(crs)
+    aou, to_geo = _area_of_use(crs, threading.get_ident())  # a PROJ transformer is not thread-safe
     if aou is None:
         return
     lon, lat = to_geo.transform([xmin, xmax, xmin, xmax], [ymin, ymin, ymax, ymax])
@@ -261,9 +262,9 @@ def check_crs_plausible(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
         )
 
 
-@lru_cache(maxsize=16)
-def _area_of_use(crs: CRS) -> tuple:
-    """(area of use, transformer to lon/lat) of a CRS, made once per process: a file read in batches
+@lru_cache(maxsize=64)
+def _area_of_use(crs: CRS, thread: int) -> tuple:
+    """(area of use, transformer to lon/lat) of a CRS, made once per thread: a file read in batches
     checks each batch (PROJ takes tens of ms to build them)."""
     aou = crs.area_of_use
     return aou, (Transformer.from_crs(crs, 4326, always_xy=True) if aou is not None else None)
