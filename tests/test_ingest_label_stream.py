@@ -32,7 +32,7 @@ def _same_values(a: pd.Series, b: pd.Series) -> bool:
     return [None if pd.isna(v) else v for v in a] == [None if pd.isna(v) else v for v in b]
 
 
-def _assert_reads_alike(path: Path, batch_rows: int) -> list[gpd.GeoDataFrame]:
+def _assert_reads_alike(path: Path, batch_rows: int, scratch: Path) -> list[gpd.GeoDataFrame]:
     whole = read_vector(path)
     batches = list(iter_vector_batches(path, batch_rows=batch_rows))
     assert all(len(b) <= batch_rows for b in batches)
@@ -42,25 +42,51 @@ def _assert_reads_alike(path: Path, batch_rows: int) -> list[gpd.GeoDataFrame]:
     for c in whole.columns.drop("geometry"):
         assert _same_values(joined[c], whole[c]), c
     assert joined.geometry.geom_equals_exact(whole.geometry, 0).all()
+    if "site_id" in whole.columns:
+        _assert_site_filter(path, batch_rows, whole, scratch)
     return batches
+
+
+def _assert_site_filter(path: Path, batch_rows: int, whole: gpd.GeoDataFrame, scratch: Path) -> None:
+    """Reading some sites' rows gives exactly those rows of the whole read, file row numbers kept, also
+    through the catalog's rename map; a site not in the file gives nothing."""
+    ids = sorted(set(whole["site_id"]))
+    some = set(ids[1::3])
+    expected = whole[whole["site_id"].isin(some)]
+    for rename, src in ((None, path), ({"site_id": "tile"}, _renamed(path, "site_id", "tile", scratch))):
+        batches = list(iter_vector_batches(src, rename, batch_rows=batch_rows, sites=some | {"nowhere"}))
+        assert batches and all(len(b) for b in batches)  # batches without the sites' rows are skipped
+        got = pd.concat(batches)
+        assert list(got.index) == list(expected.index), rename
+        assert list(got.columns) == list(expected.columns)
+        assert _same_values(got["site_id"], expected["site_id"])
+        assert got.geometry.geom_equals_exact(expected.geometry, 0).all()
+    assert list(iter_vector_batches(path, batch_rows=batch_rows, sites={"nowhere"})) == []
+
+
+def _renamed(path: Path, column: str, to: str, scratch: Path) -> Path:
+    out = scratch / f"renamed_{path.name}"
+    gdf = read_vector(path).rename(columns={column: to})
+    gdf.to_parquet(out) if readers._is_parquet(path) else gdf.to_file(out)
+    return out
 
 
 def test_batches_read_like_the_whole_file(demo_root, tmp_path):
     labels = demo_root / "inputs" / "labels.parquet"  # GeoParquet with a bbox covering column
-    assert len(_assert_reads_alike(labels, 50)) > 3
+    assert len(_assert_reads_alike(labels, 50, tmp_path)) > 3
     gdf = gpd.read_parquet(labels)
     # ids a reader could take for times stay text; GDAL formats stream through Arrow
     gdf["site_id"] = [f"T{i:04d}" for i in range(len(gdf))]
     gdf["labeller_id"] = "2024-01-01"
     for name, driver in (("l.geojson", "GeoJSON"), ("l.gpkg", "GPKG"), ("l.fgb", "FlatGeobuf")):
         gdf.to_file(tmp_path / name, driver=driver)
-        batches = _assert_reads_alike(tmp_path / name, 64)
+        batches = _assert_reads_alike(tmp_path / name, 64, tmp_path)
         joined = pd.concat(batches)  # (FlatGeobuf's spatial index reorders the rows: read_vector's too)
         assert sorted(joined["site_id"]) == sorted(gdf["site_id"]) and set(joined["labeller_id"]) == {
             "2024-01-01"
         }
     real = REAL / "spacenet_sample_buildings.geojson"  # public labels, 60+ attribute columns, many empty
-    assert len(_assert_reads_alike(real, 7)) == -(-len(read_vector(real)) // 7)
+    assert len(_assert_reads_alike(real, 7, tmp_path)) == -(-len(read_vector(real)) // 7)
 
 
 def test_an_empty_file_gives_one_empty_batch_and_a_bad_one_names_its_file(tmp_path):

@@ -16,6 +16,7 @@ import shapely
 from pyproj import CRS
 
 from schemas.catalog import load_catalog
+from tasks.ingest import changes as changes_mod
 from tasks.ingest import labels as labels_mod
 from tasks.ingest import readers
 from tasks.ingest.changes import detect_label_changes, input_label_keys, published_label_keys
@@ -252,6 +253,47 @@ def test_detection_without_raw_keys_compares_every_site(published, normalised):
     sites = _move_polygon(published)
     assert detect_label_changes(published).changed == sorted(sites)
     assert normalised[0] == normalised[1] and len(normalised[0]) > 1
+
+
+def _shrink_first_polygon_of_another_site(catalog, than: set[str]) -> str:
+    gdf = gpd.read_parquet(_labels_path(catalog))
+    row = gdf.index[~gdf["site_id"].isin(than)][0]
+    gdf.loc[row, "geometry"] = gdf.geometry.loc[row].buffer(-2.0)
+    gdf.to_parquet(_labels_path(catalog))
+    return str(gdf.at[row, "site_id"])
+
+
+def test_a_file_rewritten_between_detections_two_reads_is_read_again(published, monkeypatch):
+    """Detection keys the file, then reads the changed sites' rows again: a writer in between must not
+    make it compare one version's keys with another's rows (which missed the second edit)."""
+    first = _move_polygon(published)
+    real, calls, edited = changes_mod.read_label_input_rows, [], set(first)
+
+    def then_someone_writes(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the first pass is done: another edit lands before the rows are read again
+            edited.add(_shrink_first_polygon_of_another_site(published, edited))
+        return inputs
+
+    monkeypatch.setattr(changes_mod, "read_label_input_rows", then_someone_writes)
+    changes = detect_label_changes(published)
+    assert len(calls) == 2 and len(edited) == 2
+    assert changes.sites == sorted(edited)
+    assert (changes.changed, changes.added, changes.removed) == _full_comparison(published)
+
+
+def test_a_file_that_keeps_changing_is_named(published, monkeypatch):
+    real, edited = changes_mod.read_label_input_rows, _move_polygon(published)
+
+    def always_someone_writes(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        edited.add(_shrink_first_polygon_of_another_site(published, edited))
+        return inputs
+
+    monkeypatch.setattr(changes_mod, "read_label_input_rows", always_someone_writes)
+    with pytest.raises(InputError, match=f"{_labels_path(published)}.*changed during each of 3 reads"):
+        detect_label_changes(published)
 
 
 def test_raw_edit_that_normalises_to_the_same_labels_is_no_change(published):

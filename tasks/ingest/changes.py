@@ -24,7 +24,9 @@ from tasks.ingest.labels import (
     read_label_inputs,
     require_no_pending_polygons,
 )
+from tasks.ingest.raw_label_rows import LabelFileChanged
 from tasks.store.artifacts import read_table
+from tasks.store.errors import InputError
 from tasks.store.reuse import (
     SITE_LABELS,
     Reuse,
@@ -35,6 +37,8 @@ from tasks.store.reuse import (
     site_label_keys,
 )
 from tasks.store.versions import VersionStore
+
+READ_ATTEMPTS = 3  # reads of a label file that keeps changing before detection gives up
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,22 @@ def detect_label_changes(catalog: Catalog) -> LabelChanges:
     is not a change. A version without raw keys compares every site that way.
 
     Bad input raises the same ``InputError`` ingest would (file, row, reason): a watcher must not announce
-    a change that a refresh would then reject without saying why.
+    a change that a refresh would then reject without saying why. The changed sites' rows are read again
+    from the file after the keys; a file rewritten in between is read again from the start (a few times,
+    then an ``InputError`` asks to try when its writer is done).
     """
+    for _ in range(READ_ATTEMPTS):
+        try:
+            return _detect_label_changes(catalog)
+        except LabelFileChanged:
+            continue
+    raise InputError(
+        catalog.input_path("input_labels"),
+        f"the file changed during each of {READ_ATTEMPTS} reads; try again when its writer is done",
+    )
+
+
+def _detect_label_changes(catalog: Catalog) -> LabelChanges:
     store = VersionStore(catalog.root_path)
     latest = store.latest_id()
     if latest is None:

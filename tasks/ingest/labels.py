@@ -353,11 +353,12 @@ def read_label_input_rows(
 
     check = label_checks(l_path, grids, assignments, classes)
 
-    def batches() -> Iterator[gpd.GeoDataFrame]:
-        for batch in iter_vector_batches(l_path, ds["input_labels"].columns, ds["input_labels"].constants):
+    def batches(sites: set[str] | None = None) -> Iterator[gpd.GeoDataFrame]:
+        columns, constants = ds["input_labels"].columns, ds["input_labels"].constants
+        for batch in iter_vector_batches(l_path, columns, constants, sites=sites):
             yield check(batch)
 
-    rows = SpilledRows(spill_to, grids) if spill_to is not None else FileRows(batches)
+    rows = SpilledRows(spill_to, grids) if spill_to is not None else FileRows(l_path, batches)
     digests, counts = LabelRowDigests(), []
     for batch in batches():
         if len(batch):

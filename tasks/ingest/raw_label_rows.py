@@ -56,13 +56,22 @@ def _empty_rows(crs) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame({c: pd.Series(dtype=object) for c in ROW_COLUMNS}, geometry=[], crs=crs)
 
 
-class FileRows:
-    """No rows kept: :meth:`rows_of` reads the file again and keeps the asked sites' rows. For the label
-    watcher, which normalises only the few sites whose key moved: a poll holds one batch and writes
-    nothing, and reads the file twice only when something changed."""
+class LabelFileChanged(RuntimeError):
+    """The label file changed between the read that keyed its rows and a later read of some sites' rows:
+    the two reads would mix two versions of the file (read it all again)."""
 
-    def __init__(self, read: Callable[[], Iterable[gpd.GeoDataFrame]]) -> None:
-        self._read = read  # the file's validated batches, from the start
+
+class FileRows:
+    """No rows kept: :meth:`rows_of` reads the file again for the asked sites' rows. For the label watcher,
+    which normalises only the few sites whose key moved: a poll holds one batch and writes nothing, and
+    when something changed the second read decodes only those sites' geometries. The file's identity
+    (inode, size, modification time) is taken before the first read; a second read of a file that has
+    changed since raises :class:`LabelFileChanged` instead of mixing versions."""
+
+    def __init__(self, path: str | Path, read: Callable[[set[str]], Iterable[gpd.GeoDataFrame]]) -> None:
+        self.path = Path(path)
+        self._read = read  # the validated rows of the given sites, a batch at a time, from the start
+        self._stamp = _file_stamp(self.path)
 
     def add(self, batch: gpd.GeoDataFrame, wkb: np.ndarray) -> None:
         pass
@@ -70,12 +79,27 @@ class FileRows:
     def rows_of(self, site_ids: Iterable[str]) -> gpd.GeoDataFrame:
         """The raw rows of ``site_ids`` in file order (file row numbers as index)."""
         sites, crs, frames = set(site_ids), None, []
-        for batch in self._read():
+        if not sites:
+            return _empty_rows(crs)
+        self._require_unchanged()
+        for batch in self._read(sites):
             crs = batch.crs if crs is None else crs
-            mine = batch[batch["site_id"].isin(sites)] if len(batch) else batch
-            if len(mine):
-                frames.append(mine)
+            if len(batch):
+                frames.append(batch)
+        self._require_unchanged()  # also not while it was read
         return pd.concat(frames) if frames else _empty_rows(crs)
+
+    def _require_unchanged(self) -> None:
+        if _file_stamp(self.path) != self._stamp:
+            raise LabelFileChanged(f"{self.path} changed while it was read")
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class SpilledRows:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyogrio
 from pyproj import CRS, Transformer
@@ -136,46 +137,87 @@ def read_vector(path: str | Path, rename: dict[str, str] | None = None, constant
 
 
 def iter_vector_batches(
-    path: str | Path, rename: dict[str, str] | None = None, constants=None, batch_rows: int | None = None
+    path: str | Path,
+    rename: dict[str, str] | None = None,
+    constants=None,
+    batch_rows: int | None = None,
+    sites: Collection[str] | None = None,
 ) -> Iterator[gpd.GeoDataFrame]:
     """The rows of a vector file in file order, ``batch_rows`` at a time, each batch as :func:`read_vector`
     gives the whole file: catalog renames applied, indexed by file row number (1-based), CRS present and
     plausible. A file without rows gives one empty batch. So a reader of a large label file holds one
-    batch, not the file (at 100x the demo, the whole file read as polygons held ~440 MiB)."""
+    batch, not the file (at 100x the demo, the whole file read as polygons held ~440 MiB).
+
+    ``sites``: only the rows whose ``site_id`` is one of these (file row numbers kept), picked before any
+    geometry is decoded, so reading a few sites' rows again costs little more than the file's bytes (the
+    label watcher, after a first pass found which sites changed); batches left without rows are skipped.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
     start, crs, batch_rows = 1, None, batch_rows or BATCH_ROWS
-    batches = _parquet_batches(path, batch_rows) if _is_parquet(path) else _gdal_batches(path, batch_rows)
+    keep = _site_filter(sites, rename, constants)
+    if _is_parquet(path):
+        batches = _parquet_batches(path, batch_rows, keep)
+    else:
+        batches = _gdal_batches(path, batch_rows, keep)
     while True:
         try:
-            gdf = next(batches, None)
+            read = next(batches, None)
         except Exception as exc:
             raise InputError(path, f"unreadable vector file: {exc}") from None
-        if gdf is None:
+        if read is None:
             break
+        n, gdf = read  # the batch's rows in the file; gdf: those kept, indexed by position in the batch
         gdf = _rename(gdf, rename, path, constants)
-        gdf.index = pd.RangeIndex(start, start + len(gdf))
+        gdf.index = (
+            pd.Index(start + np.asarray(gdf.index, dtype="int64"))
+            if keep
+            else pd.RangeIndex(start, start + n)
+        )
         if gdf.crs is None:
             raise InputError(path, "no CRS: the file declares no coordinate reference system")
         if crs is not None and gdf.crs != crs:  # one file, one CRS: a reader giving two is a bug
             raise InputError(path, f"CRS changes within the file at row {start}: {crs} then {gdf.crs}")
         crs = gdf.crs
         check_crs_plausible(gdf, path)
-        start += len(gdf)
+        start += n
         if len(gdf):
             yield gdf
     if start == 1:
         yield read_vector(path, rename, constants)
 
 
+def _site_filter(sites, rename, constants) -> Callable[[pa.Table], np.ndarray] | None:
+    """Positions of a batch's rows whose site id is in ``sites`` (None: keep every row)."""
+    if sites is None:
+        return None
+    wanted = sorted({str(s) for s in sites})
+    if "site_id" in (constants or {}):  # one site for the whole file
+        every = str(constants["site_id"]) in wanted
+        return lambda table: np.arange(table.num_rows if every else 0)
+    column = (rename or {}).get("site_id", "site_id")
+
+    def keep(table: pa.Table) -> np.ndarray:
+        if column not in table.column_names:  # the full read reports the missing column
+            return np.arange(table.num_rows)
+        ids = table[column]
+        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+            ids = ids.cast(pa.string())
+        mask = pc.is_in(ids, value_set=pa.array(wanted, ids.type))
+        return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+
+    return keep
+
+
 def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".geoparquet")
 
 
-def _parquet_batches(path: Path, batch_rows: int) -> Iterator[gpd.GeoDataFrame]:
+def _parquet_batches(path: Path, batch_rows: int, keep=None) -> Iterator[tuple[int, gpd.GeoDataFrame]]:
     """GeoParquet in record batches, decoded as ``geopandas.read_parquet`` decodes the whole file (WKB or
-    native encodings, the spec's CRS default); its bbox covering columns are left out, as there."""
+    native encodings, the spec's CRS default); its bbox covering columns are left out, as there. Yields
+    (rows in the batch, the rows ``keep`` picks, indexed by position in the batch)."""
     # geopandas' own GeoParquet decoder: it has no public per-batch reader
     from geopandas.io.arrow import _arrow_to_geopandas
 
@@ -194,7 +236,17 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[gpd.GeoDataFrame]:
             c["crs"] = CRS.from_user_input(_without_member_ids(c["crs"]))
     for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
         table = pa.Table.from_batches([batch]).replace_schema_metadata(meta)
-        yield _arrow_to_geopandas(table, geo_metadata=geo if geo else None)
+        yield _decoded(table, keep, lambda t: _arrow_to_geopandas(t, geo_metadata=geo if geo else None))
+
+
+def _decoded(table: pa.Table, keep, decode) -> tuple[int, gpd.GeoDataFrame]:
+    """(rows of ``table``, ``decode`` of the rows ``keep`` picks, indexed by their positions)."""
+    if keep is None:
+        return table.num_rows, decode(table)
+    positions = keep(table)
+    gdf = decode(table.take(pa.array(positions, pa.int64())))
+    gdf.index = pd.Index(positions)
+    return table.num_rows, gdf
 
 
 def _without_member_ids(crs: dict) -> dict:
@@ -205,19 +257,23 @@ def _without_member_ids(crs: dict) -> dict:
     return crs
 
 
-def _gdal_batches(path: Path, batch_rows: int) -> Iterator[gpd.GeoDataFrame]:
-    """Any format GDAL reads, as an Arrow stream (ids kept as text in GeoJSON, as :func:`read_vector`)."""
+def _gdal_batches(path: Path, batch_rows: int, keep=None) -> Iterator[tuple[int, gpd.GeoDataFrame]]:
+    """Any format GDAL reads, as an Arrow stream (ids kept as text in GeoJSON, as :func:`read_vector`);
+    yields as :func:`_parquet_batches`."""
     opts = {"DATE_AS_STRING": "YES"} if path.suffix.lower() in (".geojson", ".json") else {}
     with pyogrio.open_arrow(path, batch_size=batch_rows, use_pyarrow=True, **opts) as (meta, reader):
         geometry = meta["geometry_name"] or "wkb_geometry"
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
+
+        def decode(table: pa.Table) -> gpd.GeoDataFrame:
             df = table.drop_columns([geometry]).to_pandas()
             for col in df.columns[df.dtypes.map(pd.api.types.is_string_dtype)]:
                 # as read_vector's reader gives them: text as Python objects, missing as None
                 df[col] = df[col].astype(object).where(df[col].notna(), None)
             wkb = table[geometry].to_numpy(zero_copy_only=False)
-            yield gpd.GeoDataFrame(df, geometry=gpd.GeoSeries.from_wkb(wkb, crs=meta["crs"]).values)
+            return gpd.GeoDataFrame(df, geometry=gpd.GeoSeries.from_wkb(wkb, crs=meta["crs"]).values)
+
+        for batch in reader:
+            yield _decoded(pa.Table.from_batches([batch]), keep, decode)
 
 
 def check_crs_plausible(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
