@@ -37,7 +37,7 @@ from tasks.learn.issue_sites import (
     site_arrays,
     with_geometries,
 )
-from tasks.learn.issue_stats import PreviousStats, write_stats
+from tasks.learn.issue_stats import PreviousStats, StagedHists, stage_hists, write_stats
 from tasks.learn.pixel_issues import (
     KINDS,
     IssueParams,
@@ -101,24 +101,29 @@ def stats_batch(batch: list[SiteWork], params: IssueParams) -> PixelStats:
 
 @releasing_memory  # a Dask task: hand its freed pages back, so the worker tracks the current batch
 def site_stats_batch(
-    batch: list[SiteWork], params: IssueParams
-) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
-    """Pass 1 keeping each site's histogram (sparse bytes, see ``PixelStats.encode``) next to the sum."""
+    batch: list[SiteWork], params: IssueParams, staging: str | None = None, index: int = 0
+) -> tuple[PixelStats, dict[str, str]]:
+    """Pass 1: the batch's summed histogram; with ``staging``, each site's histogram (sparse bytes, see
+    ``PixelStats.encode``) written to piece ``index`` there (site -> piece), not returned: at 100x the demo
+    the sites' histograms held by the workers and then the stage task came to 1.6 GB."""
     total, per_site = PixelStats.zeros(params.n_bins), {}
     for w in with_geometries(batch):
         st = site_stats(w, params)
         total = total + st
-        per_site[w.site_id] = (*st.encode(), int(st.hist.sum()))
-    return total, per_site
+        if staging is not None:
+            per_site[w.site_id] = (*st.encode(), int(st.hist.sum()))
+    return total, stage_hists(per_site, staging, index) if staging is not None else {}
 
 
 def collect_stats(
-    parts: list[list[SiteWork]], params: IssueParams
-) -> tuple[PixelStats, dict[str, tuple[bytes, bytes, int]]]:
-    """Pass 1 over batches on the active Dask scheduler: the pooled histogram and each site's."""
-    outs = dask.compute(*[dask.delayed(site_stats_batch)(b, params) for b in parts])
+    parts: list[list[SiteWork]], params: IssueParams, staging: Path | None = None
+) -> tuple[PixelStats, StagedHists]:
+    """Pass 1 over batches on the active Dask scheduler: the pooled histogram, and with ``staging`` each
+    site's, staged there."""
+    where = None if staging is None else str(staging)
+    outs = dask.compute(*[dask.delayed(site_stats_batch)(b, params, where, k) for k, b in enumerate(parts)])
     total = reduce(PixelStats.__add__, (o[0] for o in outs), PixelStats.zeros(params.n_bins))
-    return total, {sid: v for o in outs for sid, v in o[1].items()}
+    return total, StagedHists({sid: piece for o in outs for sid, piece in o[1].items()})
 
 
 def collect_issues(
@@ -339,92 +344,101 @@ def run_label_issues_stage(
     scored = [w for w in work if w.has_probabilities]
     size = params.batch_size or catalog.settings.ingest.batch_size
 
-    # pass 1: per-site histograms (unchanged sites from the previous version), pooled, fitted
-    t2 = time.perf_counter()
     stats_uri = ds["label_issue_stats"].uri if "label_issue_stats" in ds else STATS_URI
-    prev_stats = PreviousStats.read(reuse, stats_uri)
-    scored_inputs = {w.site_id: inputs[w.site_id] for w in scored}
-    kept = prev_stats.reusable(scored_inputs, params.n_bins)
-    todo = [w for w in scored if w.site_id not in kept]
-    fresh_total, site_hists = collect_stats(light_batches(_batches(todo, size), labels_path), params)
-    total = prev_stats.total_with(kept, fresh_total, params.n_bins)
-    notes += _empty_class_notes(total)
-    pooled, model, carried = choose_fit(total, prev_stats.pooled, reuse, params)
-    if carried:
-        notes.append(
-            f"label_issues kept the previous fit: the refit moved thresholds and flag cut-offs by <= "
-            f"{params.carry_close} (carry_close; a refresh with refit refits)"
-        )
-    timings["stats"] = time.perf_counter() - t2
-
-    if source == "consensus":
-        notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
-    no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
-    if no_cons:
-        notes.append(f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels")
-    known = set(catalog.settings.label_classes)
-    if known:
-        odd = sorted(_label_values(labels, labels_path) - known)
-        if odd:
-            notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
-
-    # pass 2: issue rows per site (unchanged units from the previous version), then ranks over all
-    t3 = time.perf_counter()
-    gold = gold_records(lq)
-    fit_key = content_key(model.filter_by, model.thresholds, model.flag_lut)
-    keys = {
-        w.site_id: content_key(
-            STAGE, inputs[w.site_id], fit_key, [(lid, gold.get(lid)) for lid in sorted(w.labellers)]
-        )
-        for w in work
-    }
-    reused = reuse.reusable(STAGE, keys)
-    li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
-    staging = staging_folder(version_dir, li_uri)
+    stats_staging = staging_folder(version_dir, stats_uri)  # pass 1's per-site histograms, until written
     try:
-        # the previous rows are read while the changed sites are computed; a site whose rows turn out to
-        # be missing there (or not streamable) is computed after
-        with ThreadPoolExecutor(1) as pool:
-            previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
-            changed = [w for w in scored if w.site_id not in reused]
-            batches = light_batches(_batches(changed, size), labels_path)
-            staged, ai_parts = stage_issues(batches, model, params, lq, source, staging)
-            old, old_ai, reused = previous.result()
-        done = {w.site_id for w in changed}
-        if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
-            batches = light_batches(_batches(more, size), labels_path)
-            extra = stage_issues(batches, model, params, lq, source, staging, start=len(staged))
-            staged, ai_parts = staged + extra[0], ai_parts + extra[1]
-        lights = [s.light for s in staged] + ([old.light] if old is not None else [])
-        light = pd.concat([x for x in lights if len(x)] or [pd.DataFrame(columns=LIGHT)], ignore_index=True)
-        ai_frames = [a for a in [*ai_parts, old_ai] if a is not None and len(a)]
-        ai = pd.concat(ai_frames, ignore_index=True) if ai_frames else score_tables([], [], lq, source)[1]
-        ai = rank_assignments(ai, light)
-        timings["issues"] = time.perf_counter() - t3
-
-        t4 = time.perf_counter()
-        # the big table's write (mostly Parquet encoding, which frees the GIL) overlaps the others'
-        with ThreadPoolExecutor(1) as pool:
-            li_done = pool.submit(write_parts, version_dir / li_uri, light, staged, old)
-            ai_record = write_table("assignment_issues", ai, version_dir / ai_uri)
-            stats_record = write_stats(
-                version_dir / stats_uri,
-                stats_uri,
-                scored_inputs,
-                site_hists,
-                prev_stats,
-                pooled,
-                total,
-                params.n_bins,
-                params.stats_part_sites,
+        # pass 1: per-site histograms (unchanged sites from the previous version), pooled, fitted
+        t2 = time.perf_counter()
+        prev_stats = PreviousStats.read(reuse, stats_uri)
+        scored_inputs = {w.site_id: inputs[w.site_id] for w in scored}
+        kept = prev_stats.reusable(scored_inputs, params.n_bins)
+        todo = [w for w in scored if w.site_id not in kept]
+        batches = light_batches(_batches(todo, size), labels_path)
+        fresh_total, site_hists = collect_stats(batches, params, stats_staging)
+        total = prev_stats.total_with(kept, fresh_total, params.n_bins)
+        notes += _empty_class_notes(total)
+        pooled, model, carried = choose_fit(total, prev_stats.pooled, reuse, params)
+        if carried:
+            notes.append(
+                f"label_issues kept the previous fit: the refit moved thresholds and flag cut-offs by <= "
+                f"{params.carry_close} (carry_close; a refresh with refit refits)"
             )
-            artifacts = {
-                "label_issues": li_done.result(),
-                "assignment_issues": ai_record,
-                "label_issue_stats": stats_record,
-            }
+        timings["stats"] = time.perf_counter() - t2
+
+        if source == "consensus":
+            notes.append("label_issues used the consensus probability as a stand-in for model probabilities")
+        no_cons = [w.site_id for w in work if w.consensus_path is None and w.has_probabilities]
+        if no_cons:
+            notes.append(
+                f"{len(no_cons)} site(s) without a consensus raster: footprint = all predicted pixels"
+            )
+        known = set(catalog.settings.label_classes)
+        if known:
+            odd = sorted(_label_values(labels, labels_path) - known)
+            if odd:
+                notes.append(f"polygon classes outside label_classes counted as field: {', '.join(odd[:10])}")
+
+        # pass 2: issue rows per site (unchanged units from the previous version), then ranks over all
+        t3 = time.perf_counter()
+        gold = gold_records(lq)
+        fit_key = content_key(model.filter_by, model.thresholds, model.flag_lut)
+        keys = {
+            w.site_id: content_key(
+                STAGE, inputs[w.site_id], fit_key, [(lid, gold.get(lid)) for lid in sorted(w.labellers)]
+            )
+            for w in work
+        }
+        reused = reuse.reusable(STAGE, keys)
+        li_uri, ai_uri = ds["label_issues"].uri, ds["assignment_issues"].uri
+        staging = staging_folder(version_dir, li_uri)
+        try:
+            # the previous rows are read while the changed sites are computed; a site whose rows turn out to
+            # be missing there (or not streamable) is computed after
+            with ThreadPoolExecutor(1) as pool:
+                previous = pool.submit(previous_site_rows, reuse, li_uri, ai_uri, scored, reused)
+                changed = [w for w in scored if w.site_id not in reused]
+                batches = light_batches(_batches(changed, size), labels_path)
+                staged, ai_parts = stage_issues(batches, model, params, lq, source, staging)
+                old, old_ai, reused = previous.result()
+            done = {w.site_id for w in changed}
+            if more := [w for w in scored if w.site_id not in reused and w.site_id not in done]:
+                batches = light_batches(_batches(more, size), labels_path)
+                extra = stage_issues(batches, model, params, lq, source, staging, start=len(staged))
+                staged, ai_parts = staged + extra[0], ai_parts + extra[1]
+            lights = [s.light for s in staged] + ([old.light] if old is not None else [])
+            light = pd.concat(
+                [x for x in lights if len(x)] or [pd.DataFrame(columns=LIGHT)], ignore_index=True
+            )
+            ai_frames = [a for a in [*ai_parts, old_ai] if a is not None and len(a)]
+            ai = pd.concat(ai_frames, ignore_index=True) if ai_frames else score_tables([], [], lq, source)[1]
+            ai = rank_assignments(ai, light)
+            timings["issues"] = time.perf_counter() - t3
+
+            t4 = time.perf_counter()
+            # the big table's write (mostly Parquet encoding, which frees the GIL) overlaps the others'
+            with ThreadPoolExecutor(1) as pool:
+                li_done = pool.submit(write_parts, version_dir / li_uri, light, staged, old)
+                ai_record = write_table("assignment_issues", ai, version_dir / ai_uri)
+                stats_record = write_stats(
+                    version_dir / stats_uri,
+                    stats_uri,
+                    scored_inputs,
+                    site_hists,
+                    prev_stats,
+                    pooled,
+                    total,
+                    params.n_bins,
+                    params.stats_part_sites,
+                )
+                artifacts = {
+                    "label_issues": li_done.result(),
+                    "assignment_issues": ai_record,
+                    "label_issue_stats": stats_record,
+                }
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(stats_staging, ignore_errors=True)
     artifacts[f"reuse_keys/{STAGE}"] = write_keys(version_dir, STAGE, keys, reused, reuse)
     timings["write"] = time.perf_counter() - t4
     counts = {
