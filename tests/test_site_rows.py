@@ -48,6 +48,10 @@ def test_read_site_rows_equals_filtered_read(labels_dir, site_ids):
     pd.testing.assert_frame_equal(got, want)
     assert set(got["site_id"]) == set(site_ids) - {"nope"}
     assert "bbox" not in got.columns  # the GeoParquet covering column stays out, as in read_table
+    columns = ["polygon_id", "labeller_id", "geometry"]  # what label_issues' batches read
+    few = read_site_rows(labels_dir, site_ids, columns)
+    assert list(few.columns) == [*columns, "crs"]
+    pd.testing.assert_frame_equal(few, got[[*columns, "crs"]])
 
 
 def test_only_row_groups_that_can_hold_the_sites_are_read(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import rasterio
 from rasterio.features import rasterize
 
 from tasks.learn.pixel_issues import IssueParams, field_probability, quantise
-from tasks.store.artifacts import read_table
+from tasks.learn.site_inputs import read_label_rows
 from tasks.store.errors import InputError
 from tasks.store.grid import SiteGrid
 
@@ -153,7 +153,7 @@ def with_geometries(batch: list[SiteWork]) -> list[SiteWork]:
     polygons: dict[tuple[str, str], tuple[list[str], list]] = {}  # (site, labeller) -> (ids, geometries)
     for path, ids in need.items():
         columns = ["polygon_id", "site_id", "labeller_id", "geometry"]
-        df = read_table(path, columns=columns, filters=[("site_id", "in", ids)])
+        df = read_label_rows(path, ids, columns)
         for pid, sid, lid, g in zip(*(df[c].astype(str) for c in columns[:3]), df["geometry"], strict=True):
             have = polygons.setdefault((sid, lid), ([], []))
             have[0].append(pid)

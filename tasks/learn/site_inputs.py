@@ -30,12 +30,13 @@ class ChunkInputs(Inputs):
         return self._labels
 
 
-def read_label_rows(path: Path, site_ids: list[str]) -> pd.DataFrame:
-    """The ``labels`` rows of ``site_ids``, in table order (a native-CRS folder, or one file)."""
+def read_label_rows(path: Path, site_ids: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """The ``labels`` rows of ``site_ids``, in table order (a native-CRS folder, or one file); ``columns``:
+    only those (name the geometry)."""
     path = Path(path)
     if path.is_dir():
-        return read_site_rows(path, site_ids)
-    return read_table(path, filters=[("site_id", "in", sorted(set(site_ids)))])
+        return read_site_rows(path, site_ids, columns)
+    return read_table(path, columns=columns, filters=[("site_id", "in", sorted(set(site_ids)))])
 
 
 def chunk_inputs(inp: Inputs, site_ids: Sequence[str]) -> ChunkInputs:
