@@ -41,20 +41,28 @@ LABEL_COLUMNS = [
 ]
 
 
+def require_polygons(gdf: gpd.GeoDataFrame, path, empty_reason: str, other_reason: str) -> None:
+    """Every geometry is a non-empty (Multi)Polygon; name the first row that is not (``other_reason``
+    gets its geometry type)."""
+    geom = gdf.geometry
+    empty = geom.isna() | geom.is_empty
+    if empty.any():
+        raise InputError(path, empty_reason, row=gdf.index[empty.to_numpy()][0])
+    polygonal = geom.geom_type.isin(["Polygon", "MultiPolygon"])
+    if not polygonal.all():
+        row = gdf.index[~polygonal.to_numpy()][0]
+        raise InputError(path, other_reason.format(geom.loc[row].geom_type), row=row)
+
+
 def normalise_sites(gdf: gpd.GeoDataFrame, path: str) -> gpd.GeoDataFrame:
     """Check ids and footprints; return site_id + geometry in EPSG:4326 (row numbers kept as index)."""
     require_columns(gdf, ["site_id"], path)
     require_ids(gdf, ["site_id"], path)
     require_unique(gdf, ["site_id"], path)
-    geom = gdf.geometry
-    empty = geom.isna() | geom.is_empty
-    if empty.any():
-        raise InputError(path, "empty or missing footprint geometry", row=gdf.index[empty.to_numpy()][0])
-    poly = geom.geom_type.isin(["Polygon", "MultiPolygon"])
-    if not poly.all():
-        row = gdf.index[~poly.to_numpy()][0]
-        raise InputError(path, f"footprint is a {geom.loc[row].geom_type}, not a polygon", row=row)
-    out = gpd.GeoDataFrame({"site_id": gdf["site_id"].astype(str)}, geometry=geom.make_valid(), crs=gdf.crs)
+    require_polygons(gdf, path, "empty or missing footprint geometry", "footprint is a {}, not a polygon")
+    out = gpd.GeoDataFrame(
+        {"site_id": gdf["site_id"].astype(str)}, geometry=gdf.geometry.make_valid(), crs=gdf.crs
+    )
     return out.to_crs(4326)
 
 
@@ -158,16 +166,7 @@ def label_checks(
             row = gdf.index[unassigned][0]
             lid, sid = gdf.at[row, "labeller_id"], gdf.at[row, "site_id"]
             raise InputError(path, f"labeller {lid!r} has no assignment for site {sid!r}", row=row)
-        geom = gdf.geometry
-        empty = geom.isna() | geom.is_empty
-        if empty.any():
-            raise InputError(path, "empty or missing geometry", row=gdf.index[empty.to_numpy()][0])
-        polygonal = geom.geom_type.isin(["Polygon", "MultiPolygon"])
-        if not polygonal.all():
-            row = gdf.index[~polygonal.to_numpy()][0]
-            raise InputError(
-                path, f"geometry is a {geom.loc[row].geom_type}; labels must be polygons", row=row
-            )
+        require_polygons(gdf, path, "empty or missing geometry", "geometry is a {}; labels must be polygons")
         return gdf.assign(label=label)
 
     return check
